@@ -1,0 +1,188 @@
+"""From group keep-masks to parameter slices: zeroing (the masked program) and slicing (the shrunk program).
+
+Masked program: every parameter slice indexed by a removed channel is set to exactly zero, producers (conv/linear
+rows, biases, BN scale *and* shift) and consumers (input columns) alike. Removed activations are then exactly zero
+after each producer and can never leak into a kept channel through a parametrised op, which is what makes the
+masked program the numerical reference for the shrunk one. BN running variances are left alone (zeroing them would
+only risk 0/0) since the zeroed scale already silences the channel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import PassError
+from .groups import GroupSet
+
+
+def param_keep(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[str, list[np.ndarray | None]]:
+    """For each canonical parameter: a keep mask per dim (None where nothing is removed)."""
+    t = groups.analysis.table
+    out: dict[str, list[np.ndarray | None]] = {}
+    for name, spaces in groups.analysis.param_spaces.items():
+        dims: list[np.ndarray | None] = []
+        for s in spaces:
+            keep = t.keep_positions(s, leaf_keep)
+            dims.append(None if keep.all() else keep)
+        out[name] = dims
+    return out
+
+
+def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, attr = name.split(".")
+    mod = gm
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, attr
+
+
+@torch.no_grad()
+def apply_channel_masks(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> int:
+    """Zero every parameter slice of removed channels in ``gm`` (in place). Returns the number of zeroed slices."""
+    n = 0
+    roles = groups.analysis.param_roles
+    for name, dims in param_keep(groups, leaf_keep).items():
+        if "no_zero" in roles.get(name, set()):
+            continue
+        mod, attr = _owner(gm, name)
+        t = getattr(mod, attr)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+            continue
+        for d, keep in enumerate(dims):
+            if keep is None:
+                continue
+            idx = torch.from_numpy(np.nonzero(~keep)[0]).to(t.device)
+            t.index_fill_(d, idx, 0.0)
+            n += int(idx.numel())
+    return n
+
+
+@torch.no_grad()
+def apply_weight_masks(gm: fx.GraphModule, weight_masks: dict[str, torch.Tensor]) -> None:
+    """Multiply fine-grained masks into their parameters (in place)."""
+    for name, mask in weight_masks.items():
+        mod, attr = _owner(gm, name)
+        t = getattr(mod, attr)
+        t.mul_(mask.to(t.dtype))
+
+
+@torch.no_grad()
+def slice_parameters(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[str, tuple]:
+    """Physically remove channels from every parameter/buffer of ``gm`` (in place). Returns new shapes."""
+    keep = param_keep(groups, leaf_keep)
+    aliases: dict[str, list[str]] = {}
+    for alias, canon in groups.analysis.param_alias.items():
+        aliases.setdefault(canon, []).append(alias)
+    new_shapes: dict[str, tuple] = {}
+    for name, dims in keep.items():
+        if all(k is None for k in dims):
+            continue
+        mod, attr = _owner(gm, name)
+        t = getattr(mod, attr)
+        new = t.detach()
+        for d, k in enumerate(dims):
+            if k is not None:
+                idx = torch.from_numpy(np.nonzero(k)[0]).to(t.device)
+                new = new.index_select(d, idx) if not new.is_meta else new.new_empty(
+                    tuple(len(idx) if i == d else s for i, s in enumerate(new.shape)))
+        new = new.clone().contiguous()
+        replacement: torch.Tensor
+        if isinstance(t, nn.Parameter):
+            replacement = nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            replacement = new
+        for alias in aliases.get(name, [name]):
+            m, a = _owner(gm, alias)
+            if isinstance(replacement, nn.Parameter) or a in m._parameters:
+                m._parameters[a] = replacement if isinstance(replacement, nn.Parameter) else nn.Parameter(
+                    replacement, requires_grad=False)
+            elif a in m._buffers:
+                m._buffers[a] = replacement
+            else:
+                setattr(m, a, replacement)
+        new_shapes[name] = tuple(new.shape)
+    return new_shapes
+
+
+class RewriteContext:
+    """What a shape-constant rewrite sees (``fxprune.rules.REWRITES``)."""
+
+    def __init__(self, groups: GroupSet, leaf_keep: dict[int, np.ndarray], old_shapes: dict[str, Any]):
+        self._a = groups.analysis
+        self._keep = leaf_keep
+        self._old_shapes = old_shapes
+        self._cache: dict[int, np.ndarray] = {}
+
+    def keep(self, space: int) -> np.ndarray:
+        r = self._a.table.find(space)
+        k = self._cache.get(r)
+        if k is None:
+            k = self._a.table.keep_positions(r, self._keep)
+            self._cache[r] = k
+        return k
+
+    def new(self, space: int) -> int:
+        return int(self.keep(space).sum())
+
+    def spaces(self, node: fx.Node) -> Any:
+        return self._a.node_spaces[node.name]
+
+    def aux(self, node: fx.Node) -> dict[str, Any]:
+        return self._a.aux.get(node.name, {})
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return self._old_shapes[node.name]
+
+
+def rewrite_shape_constants(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> list[str]:
+    """Apply each op's rewrite (view sizes, split sizes, groups, SDPA scale, ...). Returns rewritten node names."""
+    from .analyzer import size_hint
+    from .rules import REWRITES
+
+    old_shapes = {}
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            old_shapes[n.name] = tuple(size_hint(s) for s in v.shape)
+    R = RewriteContext(groups, leaf_keep, old_shapes)
+    changed = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        fn = REWRITES.get(node.target)
+        if fn is None and isinstance(node.target, torch._ops.OpOverload):
+            fn = REWRITES.get(node.target.overloadpacket)
+        if fn is None:
+            continue
+        before = (node.target, node.args, dict(node.kwargs))
+        try:
+            fn(R, node)
+        except Exception as e:
+            raise PassError(f"could not rewrite shape constants: {type(e).__name__}: {e}", pass_name="shrink",
+                            node=node.name) from e
+        if (node.target, node.args, dict(node.kwargs)) != before:
+            changed.append(node.name)
+    gm.recompile()
+    return changed
+
+
+def expected_shapes(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape every tensor node must have after shrinking."""
+    t = groups.analysis.table
+    cache: dict[int, int] = {}
+
+    def new(s: int) -> int:
+        r = t.find(s)
+        if r not in cache:
+            cache[r] = int(t.keep_positions(r, leaf_keep).sum())
+        return cache[r]
+
+    out = {}
+    for name, sp in groups.analysis.node_spaces.items():
+        if isinstance(sp, list) and (not sp or isinstance(sp[0], int)):
+            out[name] = tuple(new(s) for s in sp)
+    return out

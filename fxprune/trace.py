@@ -1,0 +1,91 @@
+"""Front-end: capture a model as an FX graph of ATen ops with shape metadata on every node.
+
+We use ``torch.export.export(strict=False)`` (the training IR). It traces far more real models than
+``torch.fx.symbolic_trace`` (HuggingFace and timm models with Python-level shape logic), gives one canonical ATen
+vocabulary for the analyzer, keeps parameter names (``get_attr`` nodes with the module's qualified names) and puts a
+FakeTensor in ``node.meta["val"]`` of every node. It works on meta-device models, so big models can be analysed
+without materialising weights. ``benchmarks/coverage.py`` measures the choice.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import InputError, TraceError
+
+TRACER = "torch.export(strict=False)"
+
+
+def _example_summary(args: tuple, kwargs: dict) -> str:
+    def one(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}"
+        return type(x).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of args, or a dict of kwargs; return (args, kwargs)."""
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, torch.Tensor):
+        args: tuple = (example_inputs,)
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), {**example_inputs, **kwargs}
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    elif example_inputs is None:
+        args = ()
+    else:
+        raise InputError(
+            f"example_inputs must be a tensor, a tuple of forward args or a dict of kwargs, got "
+            f"{type(example_inputs).__name__}",
+            fix="pass e.g. (torch.randn(1, 3, 224, 224),) or {'input_ids': ids}",
+        )
+    if not args and not kwargs:
+        raise InputError("no example inputs given", fix="pass the model's forward arguments as example_inputs")
+    return args, kwargs
+
+
+def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_model: bool = True) -> fx.GraphModule:
+    """Export ``model`` (in eval mode) to a GraphModule of ATen ops whose ``get_attr`` nodes name the parameters.
+
+    The model is deep-copied first (unless ``copy_model=False``) so that the returned module owns its parameters
+    and pruning it never touches the user's model. Raises :class:`TraceError` with the underlying reason.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}",
+            fix="wrap your function in an nn.Module whose forward calls it",
+        )
+    kwargs = dict(kwargs or {})
+    work = copy.deepcopy(model) if copy_model else model
+    was_training = work.training
+    work.eval()
+    try:
+        ep = torch.export.export(work, args, kwargs, strict=False)
+    except Exception as e:  # torch raises many types here; we re-raise one with the cause attached
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"could not trace {type(model).__name__}{_example_summary(args, kwargs)} with {TRACER}: "
+            f"{type(e).__name__}: {first[:300]}",
+            fix="remove data-dependent Python control flow from forward (or guard it with torch.cond), "
+            "and make sure the example inputs run through model(*args, **kwargs)",
+        ) from e
+    finally:
+        if not copy_model:
+            work.train(was_training)
+    gm = ep.module()
+    gm.meta["fxprune_tracer"] = TRACER
+    gm.meta["fxprune_root_class"] = type(model).__name__
+    return gm
+
+
+def node_vals(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """The FakeTensor (or structure of them) recorded on each node."""
+    return {n: n.meta.get("val") for n in gm.graph.nodes}

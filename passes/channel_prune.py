@@ -1,0 +1,206 @@
+"""ChannelPrune: score channels of every prunable group and write keep-masks (a selection pass; nothing is removed
+until Shrink).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import torch.nn as nn
+
+from fxprune.errors import BudgetError, InputError
+from fxprune.groups import Group, GroupSet
+from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxprune.program import Program
+
+from . import importance as imp
+
+
+def macs_of(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> int:
+    """Analytic MACs of the graph under ``leaf_keep`` (exact for conv/linear/matmul/SDPA terms)."""
+    t = groups.analysis.table
+    cache: dict[int, int] = {}
+
+    def size(s: int) -> int:
+        r = t.find(s)
+        if r not in cache:
+            cache[r] = int(t.keep_positions(r, leaf_keep).sum()) if leaf_keep else t.size(r)
+        return cache[r]
+
+    total = 0
+    for term in groups.analysis.mac_terms:
+        n = term.const
+        for s in term.spaces:
+            n *= size(s)
+        total += n
+    return total
+
+
+@register_pass
+class ChannelPrune(Pass):
+    """Remove a fraction of the channels of every prunable group (or meet a MACs target).
+
+    ``ratio``: fraction of channels removed per group (scope="local") or over all groups (scope="global").
+    ``target_macs``: instead of a ratio, the MACs budget (absolute, or a fraction of the dense MACs if < 1); the
+    ratio is found by bisection on the analytic MACs model. ``round_to`` keeps channel counts multiples of it.
+    ``ignore``: modules or parameter names whose groups are left alone. ``heads``: also prune outer factors
+    (attention heads, conv groups); by default only innermost channels are pruned (HeadPrune handles heads).
+    """
+
+    name = "channel_prune"
+    requires = frozenset({"groups"})
+
+    def __init__(self, ratio: float | None = None, *, target_macs: float | None = None, importance: Any = "l2",
+                 scope: str = "local", round_to: int = 1, ignore: Iterable[Any] = (), heads: bool = False,
+                 max_ratio: float = 0.9):
+        if (ratio is None) == (target_macs is None):
+            raise InputError("give exactly one of ratio= or target_macs=",
+                             fix="e.g. ChannelPrune(ratio=0.5) or ChannelPrune(target_macs=0.5)")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+            raise InputError(f"ratio must be in [0, 1), got {ratio!r}",
+                             fix="ratio is the fraction of channels removed, e.g. 0.5")
+        if target_macs is not None and not (isinstance(target_macs, (int, float)) and target_macs > 0):
+            raise InputError(f"target_macs must be > 0, got {target_macs!r}",
+                             fix="a fraction of the dense MACs (e.g. 0.5) or an absolute count")
+        if scope not in ("local", "global"):
+            raise InputError(f"scope must be 'local' or 'global', got {scope!r}", fix="use scope='local'")
+        if not (isinstance(round_to, int) and round_to >= 1):
+            raise InputError(f"round_to must be a positive int, got {round_to!r}", fix="e.g. round_to=8")
+        imp.resolve(importance)  # validate early
+        self.ratio = ratio
+        self.target_macs = target_macs
+        self.importance = importance
+        self.scope = scope
+        self.round_to = round_to
+        self.ignore = list(ignore)
+        self.heads = heads
+        self.max_ratio = max_ratio
+
+    # ------------------------------------------------------------------ helpers
+    def _ignored_params(self, program: Program) -> set[str]:
+        names: set[str] = set()
+        by_id = {}
+        for n, mod in (program.source.named_modules() if program.source is not None else []):
+            by_id[id(mod)] = n
+        for item in self.ignore:
+            if isinstance(item, str):
+                prefix = item
+            elif isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise InputError(f"ignore[...] module {type(item).__name__} is not part of the model",
+                                     fix="pass a submodule of the compiled model or its qualified name")
+                prefix = by_id[id(item)]
+            else:
+                raise InputError(f"ignore entries must be modules or names, got {type(item).__name__}",
+                                 fix="e.g. ignore=[model.fc] or ignore=['fc']")
+            for p in program.groups.analysis.param_alias:
+                if p == prefix or p.startswith(prefix + ".") or prefix == "":
+                    names.add(program.groups.analysis.param_alias[p])
+        return names
+
+    def candidates(self, program: Program) -> list[Group]:
+        ignored = self._ignored_params(program)
+        out = []
+        for g in program.groups.prunable():
+            if g.kind == "heads" and not self.heads:
+                continue
+            if ignored and any(m.param in ignored for m in g.members):
+                continue
+            out.append(g)
+        return out
+
+    def _keep_count(self, size: int, ratio: float) -> int:
+        keep = size - int(math.floor(size * ratio + 1e-9))
+        if self.round_to > 1:
+            keep = min(size, int(math.ceil(keep / self.round_to)) * self.round_to)
+        return max(1, keep)
+
+    def select(self, groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
+        masks: dict[int, np.ndarray] = {}
+        if self.scope == "local":
+            for g in groups:
+                k = self._keep_count(g.size, ratio)
+                masks[g.id] = _top_k(scores[g.id], k)
+            return masks
+        # global: one threshold over normalised scores, bounded per group by max_ratio and rounding
+        allv = np.concatenate([scores[g.id] / (scores[g.id].mean() + 1e-12) for g in groups]) if groups else []
+        if len(allv) == 0:
+            return masks
+        n_remove = int(math.floor(len(allv) * ratio))
+        thr = np.sort(allv)[n_remove - 1] if n_remove > 0 else -np.inf
+        for g in groups:
+            s = scores[g.id] / (scores[g.id].mean() + 1e-12)
+            k = int((s > thr).sum())
+            k = max(k, g.size - int(math.floor(g.size * self.max_ratio)))
+            k = self._keep_count(g.size, 1 - k / g.size)
+            masks[g.id] = _top_k(scores[g.id], k)
+        return masks
+
+    # ------------------------------------------------------------------ run
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        gs = program.groups
+        groups = self.candidates(program)
+        score_fn = imp.resolve(self.importance)
+        scores: dict[int, np.ndarray] = {}
+        skipped = []
+        for g in groups:
+            s = score_fn(program, g, ctx)
+            if s is None:
+                skipped.append(g.id)
+                continue
+            scores[g.id] = np.asarray(s, dtype=np.float64)
+        groups = [g for g in groups if g.id in scores]
+        prior = program.leaf_keep()
+        dense_macs = macs_of(gs, {})
+        if self.target_macs is not None:
+            target = self.target_macs * dense_macs if self.target_macs < 1 else self.target_macs
+            ratio = self._solve_ratio(gs, groups, scores, prior, target, dense_macs)
+        else:
+            ratio = float(self.ratio)
+        masks = self.select(groups, scores, ratio)
+        for gid, m in masks.items():
+            old = program.masks.get(gid)
+            program.masks[gid] = m if old is None else (m & old)
+        if self.round_to > 1:
+            program.meta.setdefault("divisors", {}).update({gid: self.round_to for gid in masks
+                                                            if masks[gid].size >= self.round_to})
+        program.meta.setdefault("importance", {}).update(
+            {gid: (float(scores[gid].min()), float(scores[gid].mean()), float(scores[gid].max())) for gid in masks})
+        est = macs_of(gs, program.leaf_keep())
+        removed = sum(int((~m).sum()) for m in masks.values())
+        return PassResult(program, changed=removed > 0, stats={
+            "ratio": round(ratio, 4), "groups_pruned": sum(1 for m in masks.values() if not m.all()),
+            "channels_removed": removed, "groups_unscored": skipped, "macs_dense": dense_macs,
+            "macs_estimate": est})
+
+    def _solve_ratio(self, gs: GroupSet, groups: list[Group], scores: dict[int, np.ndarray],
+                     prior: dict[int, np.ndarray], target: float, dense: int) -> float:
+        def macs_at(r: float) -> int:
+            keep = dict(prior)
+            for gid, m in self.select(groups, scores, r).items():
+                leaf = gs[gid].space
+                keep[leaf] = m & prior[leaf] if leaf in prior else m
+            return macs_of(gs, keep)
+
+        floor_macs = macs_at(0.999 if self.scope == "local" else self.max_ratio)
+        if floor_macs > target:
+            raise BudgetError(
+                f"target_macs={target:.4g} is below what the frozen channels allow (at least {floor_macs:.4g} MACs "
+                f"of {dense:.4g} remain when every prunable group keeps its minimum)",
+                fix=f"raise target_macs to >= {floor_macs / dense:.3f} of the dense MACs, or unfreeze more layers")
+        lo, hi = 0.0, 0.999
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if macs_at(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-scores, kind="stable")
+    mask = np.zeros(scores.shape[0], dtype=bool)
+    mask[order[:k]] = True
+    return mask

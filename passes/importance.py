@@ -1,0 +1,95 @@
+"""Channel importance: one score per channel of a group (higher = more important).
+
+Built-in criteria: ``"l1"``/``"l2"`` (magnitude of every parameter slice the channel owns, averaged over the
+group's members after normalising each member by its mean), ``"bn_scale"`` (|gamma| of the group's BatchNorms),
+``"random"`` (seeded). A callable ``fn(group, program) -> array`` and Torch-Pruning importance objects
+(:mod:`fxprune.passes.tp_adapter`) are accepted too.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fxprune.errors import InputError
+from fxprune.groups import Group
+from fxprune.program import Program
+
+BUILTIN = ("l1", "l2", "bn_scale", "random")
+
+
+def _member_scores(program: Program, group: Group, p: int) -> list[np.ndarray]:
+    out = []
+    for m in group.members:
+        t = program.param(m.param)
+        if not isinstance(t, nn.Parameter) or t.is_meta or not t.is_floating_point():
+            continue
+        x = t.detach().float().movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+        per_pos = (x.abs().sum(1) if p == 1 else x.pow(2).sum(1)).numpy()
+        sel = m.coords >= 0
+        score = np.zeros(group.size)
+        count = np.zeros(group.size)
+        np.add.at(score, m.coords[sel], per_pos[sel])
+        np.add.at(count, m.coords[sel], 1)
+        score = score / np.maximum(count, 1)
+        mean = score.mean()
+        out.append(score / mean if mean > 0 else score)
+    return out
+
+
+def magnitude(program: Program, group: Group, p: int = 2) -> np.ndarray:
+    scores = _member_scores(program, group, p)
+    if not scores:
+        return np.ones(group.size)
+    return np.mean(scores, axis=0)
+
+
+def bn_scale(program: Program, group: Group) -> np.ndarray | None:
+    roles = program.groups.analysis.param_roles
+    scores = []
+    for m in group.members:
+        if "bn_weight" in roles.get(m.param, set()) and m.dim == 0:
+            t = program.param(m.param).detach().float().abs().numpy()
+            s = np.zeros(group.size)
+            sel = m.coords >= 0
+            np.add.at(s, m.coords[sel], t[sel])
+            scores.append(s)
+    if not scores:
+        return None  # no BatchNorm in this group: bn_scale does not rank it
+    return np.mean(scores, axis=0)
+
+
+def resolve(importance: Any) -> Callable[[Program, Group, Any], np.ndarray | None]:
+    """Turn the user's ``importance`` option into ``fn(program, group, ctx) -> scores | None``."""
+    if isinstance(importance, str):
+        if importance == "l1":
+            return lambda prog, g, ctx: magnitude(prog, g, 1)
+        if importance == "l2":
+            return lambda prog, g, ctx: magnitude(prog, g, 2)
+        if importance == "bn_scale":
+            return lambda prog, g, ctx: bn_scale(prog, g)
+        if importance == "random":
+            return lambda prog, g, ctx: torch.rand(g.size, generator=ctx.generator(f"random-importance-{g.id}"),
+                                                   dtype=torch.float64).numpy()
+        raise InputError(f"unknown importance {importance!r}",
+                         fix=f"use one of {', '.join(BUILTIN)}, a callable fn(group, program) -> scores, "
+                             "or a torch_pruning importance object")
+    from .tp_adapter import is_tp_importance, TorchPruningImportance
+
+    if is_tp_importance(importance):
+        adapter = TorchPruningImportance(importance)
+        return lambda prog, g, ctx: adapter(prog, g)
+    if callable(importance):
+        def call(prog: Program, g: Group, ctx: Any) -> np.ndarray:
+            s = importance(g, prog)
+            s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            if s.shape != (g.size,):
+                raise InputError(f"importance callable returned shape {s.shape} for group {g.id} ({g.label}); "
+                                 f"expected ({g.size},)", fix="return one score per channel of the group")
+            return s
+
+        return call
+    raise InputError(f"importance must be a name, a callable or a torch_pruning importance, got "
+                     f"{type(importance).__name__}", fix=f"use one of {', '.join(BUILTIN)}")

@@ -1,0 +1,97 @@
+"""Shrink: physically remove the masked channels, rewrite shape constants, and verify against the masked program."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxprune.analyzer import size_hint
+from fxprune.errors import PassError, VerificationError
+from fxprune.masking import (apply_channel_masks, apply_weight_masks, expected_shapes, param_keep,
+                             rewrite_shape_constants, slice_parameters)
+from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxprune.program import Program
+from fxprune.verify import verify
+
+
+@register_pass
+class Shrink(Pass):
+    """Slice parameters and buffers of removed channels and rewrite view/reshape/expand sizes, split sizes, conv
+    and GroupNorm group counts, slice bounds and SDPA's default scale. Then (``verify=True``, the default) the
+    shrunk module must equal the masked module on fresh random inputs, or the pass fails."""
+
+    name = "shrink"
+    requires = frozenset({"groups"})
+    modifies_weights = True
+    changes_graph = True
+
+    def __init__(self, verify: bool = True, rtol: float | None = None):
+        self.verify = verify
+        self.rtol = rtol
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        gs = program.groups
+        leaf_keep = program.leaf_keep()
+        masked = program.gm
+        apply_channel_masks(masked, gs, leaf_keep)
+        apply_weight_masks(masked, program.weight_masks)
+        if not leaf_keep or all(m.all() for m in leaf_keep.values()):
+            program.meta["masked"] = True
+            return PassResult(program, changed=False, stats={"removed_channels": 0})
+        shrunk = copy.deepcopy(masked)
+        keep = param_keep(gs, leaf_keep)
+        slice_parameters(shrunk, gs, leaf_keep)
+        rewritten = rewrite_shape_constants(shrunk, gs, leaf_keep)
+        self._propagate_and_check(shrunk, program, gs, leaf_keep)
+        # fine-grained masks follow their parameters
+        new_wm = {}
+        for name, wm in program.weight_masks.items():
+            canon = gs.analysis.param_alias.get(name, name)
+            for d, k in enumerate(keep.get(canon, [])):
+                if k is not None:
+                    wm = wm.index_select(d, torch.from_numpy(np.nonzero(k)[0]))
+            new_wm[name] = wm
+        stats = {"kept": {gid: int(m.sum()) for gid, m in program.masks.items()},
+                 "removed_channels": int(sum((~m).sum() for m in leaf_keep.values())),
+                 "rewritten_nodes": len(rewritten)}
+        if self.verify and ctx.verify:
+            rtol = self.rtol if self.rtol is not None else ctx.rtol
+            res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense)
+            stats.update({"verified": res.ok, "max_abs_diff": res.max_abs_diff, "output_scale": res.output_scale,
+                          "observable": res.observable})
+            if not res.ok:
+                raise VerificationError(f"shrunk module differs from the masked module: {res}",
+                                        fix="this is a bug in fxprune's rules; report it, and meanwhile exclude "
+                                            "the affected layers with ignore=[...]")
+        program.gm = shrunk
+        program.masks = {}
+        program.weight_masks = new_wm
+        program.meta["masked"] = False
+        program.meta.pop("divisors", None)
+        program.meta.pop("importance", None)
+        return PassResult(program, changed=True, stats=stats)
+
+    @staticmethod
+    def _propagate_and_check(gm, program: Program, gs, leaf_keep) -> None:
+        """Re-derive shape metadata on the shrunk graph and compare with the shapes the masks imply."""
+        flat = program.flat_inputs()
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        try:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        except Exception as e:
+            node = getattr(e, "fxprune_node", None)
+            raise PassError(f"shape propagation failed on the shrunk graph: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}", pass_name="shrink", node=node) from e
+        want = expected_shapes(gs, leaf_keep)
+        for n in gm.graph.nodes:
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor) and n.name in want:
+                got = tuple(size_hint(s) for s in v.shape)
+                if got != want[n.name]:
+                    raise PassError(f"shrunk shape {got} differs from the expected {want[n.name]}",
+                                    pass_name="shrink", node=n.name,
+                                    fix="an op's shape constants were not rewritten; report this model")
