@@ -192,7 +192,8 @@ class Analyzer:
         if canon in self.param_spaces:
             self.set(node, self.param_spaces[canon])  # tied weight: the same spaces
             return
-        spaces = self.fresh(obj.shape, node.target)
+        frozen = None if (obj.is_floating_point() or obj.is_complex()) else "integer tensor (indices or positions)"
+        spaces = self.fresh(obj.shape, node.target, frozen)
         self.param_spaces[canon] = spaces
         self.param_roles.setdefault(canon, set())
         self.set(node, spaces)

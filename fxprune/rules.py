@@ -60,11 +60,12 @@ def _nd(d: int, ndim: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- elementwise
 @rule("pointwise", aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.dropout,
-      aten.feature_dropout, aten.alpha_dropout, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+      aten.feature_dropout, aten.alpha_dropout, aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
       aten.type_as, aten.lift_fresh_copy, aten.copy_, aten.zero_, aten.fill_, aten.zeros_like, aten.ones_like,
       aten.full_like, aten.empty_like, aten.rand_like, aten.randn_like, aten.mish, aten.mish_, aten.elu, aten.elu_,
       aten.leaky_relu, aten.leaky_relu_, aten.gelu_, aten.silu_, aten.relu_, aten.celu, aten.selu,
-      aten.hardtanh_, aten.masked_fill_, aten.clamp_, aten.clamp_min_, aten.mul_, aten.add_, aten.sub_,
+      aten.hardtanh_, aten.masked_fill_, aten.__and__, aten.__or__, aten.__xor__, aten.__iand__, aten.__ior__,
+      aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.logical_and, aten.logical_or, aten.logical_not, aten.clamp_, aten.clamp_min_, aten.mul_, aten.add_, aten.sub_,
       aten.div_, aten.sigmoid_, aten.tanh_)
 def _pointwise(A: Analyzer, node: fx.Node) -> None:
     out_shape = A.shape(node)
@@ -363,15 +364,20 @@ def _sdpa(A: Analyzer, node: fx.Node) -> None:
     hq, hk = A.shape(q), A.shape(k)
     A.unify(qs[-1], ks[-1], node, "q/k head_dim")
     A.unify(ks[-2], vs[-2], node, "k/v sequence")
-    for i in range(len(hk) - 3):
-        A.unify(ks[i], vs[i], node, "k/v batch")
+    for i in range(len(hk) - 2):
+        A.unify(ks[i], vs[i], node, "k/v batch and heads")
     out = list(qs[:-1]) + [vs[-1]]
-    if len(hq) >= 4:
-        for i in range(len(hq) - 3):
-            A.unify(qs[i], ks[i], node, "q/k batch") if hk[i] == hq[i] and not (gqa and i == len(hq) - 3) else None
-        if gqa and hq[-3] != hk[-3]:
-            rep = A.t.new(hq[-3] // hk[-3], f"{node.name}.q_per_kv")
-            A.unify(qs[-3], A.t.product([ks[-3], rep]), node, "GQA query groups")
+    for i in range(len(hq) - 2):
+        j = len(hk) - len(hq) + i
+        if j < 0:
+            continue
+        if hq[i] == hk[j]:
+            A.unify(qs[i], ks[j], node, "q/k batch and heads")
+        elif gqa and i == len(hq) - 3 and hq[i] % hk[j] == 0:
+            rep = A.t.new(hq[i] // hk[j], f"{node.name}.q_per_kv")
+            A.unify(qs[i], A.t.product([ks[j], rep]), node, "GQA query groups")
+        elif hk[j] != 1:
+            A.freeze([qs[i], ks[j]], node, "q/k batch dims do not match")
     if isinstance(mask, fx.Node):
         ms, mh = A.sp(mask), A.shape(mask)
         full = tuple(hq[:-1]) + (hk[-2],)
@@ -925,6 +931,9 @@ def _index(A: Analyzer, node: fx.Node) -> None:
     x, indices = node.args[0], node.args[1]
     s = list(A.sp(x))
     indexed = [s[i] for i, ix in enumerate(indices) if ix is not None]
+    for ix in indices:
+        if A.sp(ix) is not None:
+            indexed.extend(A.sp(ix))
     A.freeze(indexed, node, "indexed by a tensor")
     out = A.fresh(A.shape(node), node.name, None)
     # un-indexed trailing dims pass through unchanged
@@ -943,6 +952,8 @@ def _index_select(A: Analyzer, node: fx.Node) -> None:
     s = list(A.sp(x))
     d = _nd(node.args[1], len(s)) if node.target.overloadpacket is not aten.take_along_dim else None
     out = A.fresh(A.shape(node), node.name)
+    if A.sp(node.args[2 if d is not None else 1]) is not None:
+        A.freeze(A.sp(node.args[2 if d is not None else 1]), node, "tensor of indices")
     for i, (a, b) in enumerate(zip(s, out)):
         if i == d or (d is None) or A.shape(x)[i] != A.shape(node)[i]:
             A.freeze([a, b], node, "gathered by a tensor of indices")

@@ -81,9 +81,64 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
         if not copy_model:
             work.train(was_training)
     gm = ep.module()
+    inline_wrapper_hops(gm)
     gm.meta["fxprune_tracer"] = TRACER
     gm.meta["fxprune_root_class"] = type(model).__name__
     return gm
+
+
+_WRAPPER_HOPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+def inline_wrapper_hops(gm: fx.GraphModule) -> int:
+    """Inline ``wrap_with_set_grad_enabled`` / ``wrap_with_autocast`` regions (e.g. HF rotary embeddings computed
+    under ``torch.no_grad``/``autocast(enabled=False)``) so the analyzer sees their ops. In float32 inference and
+    fine-tuning of the pruned model these wrappers do not change values. Returns the number inlined."""
+    import operator
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in _WRAPPER_HOPS:
+            continue
+        sub_node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                         and isinstance(getattr(gm, a.target, None), fx.GraphModule)), None)
+        if sub_node is None:
+            continue
+        sub = getattr(gm, sub_node.target)
+        if any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
+            continue
+        inputs = node.args[node.args.index(sub_node) + 1:]
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(inputs):
+            continue
+        env.update(zip(placeholders, inputs))
+        outs: Any = None
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "output":
+                    outs = n.args[0]
+                    break
+                env[n] = gm.graph.node_copy(n, lambda x: env[x])
+        outs = [env.get(o, o) if isinstance(o, fx.Node) else o for o in (outs if isinstance(outs, (list, tuple))
+                                                                          else [outs])]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            continue
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
 
 
 def node_vals(gm: fx.GraphModule) -> dict[fx.Node, Any]:
