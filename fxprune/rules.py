@@ -608,8 +608,30 @@ def _reshape_spaces(A: Analyzer, node: fx.Node, x: fx.Node) -> None:
         elif len(gb) == 1:
             A.unify(out[gb[0]], A.t.product([s[k] for k in ga]), node, "reshape merge")
         else:
-            A.freeze([s[k] for k in ga] + [out[k] for k in gb], node, f"reshape regroups dims {ins} -> {outs}")
+            _regroup(A, node, [s[k] for k in ga], [ins[k] for k in ga], [out[k] for k in gb], [outs[k] for k in gb])
     A.set(node, out)
+
+
+def _regroup(A: Analyzer, node: fx.Node, sa: list[int], na: list[int], sb: list[int], nb: list[int]) -> None:
+    """Many dims -> many dims (e.g. (B, H*D) -> (B*H, D)): unify through the common refinement of both
+    factorisations when the cumulative products form a divisibility chain; otherwise freeze."""
+    cum_a = [math.prod(na[: i + 1]) for i in range(len(na))]
+    cum_b = [math.prod(nb[: i + 1]) for i in range(len(nb))]
+    bounds = sorted(set(cum_a) | set(cum_b))
+    if any(b % a for a, b in zip([1] + bounds, bounds)):
+        A.freeze(sa + sb, node, f"reshape regroups dims {tuple(na)} -> {tuple(nb)} with no common refinement")
+        return
+    factors = [A.t.new(b // a, f"{node.name}.factor") for a, b in zip([1] + bounds, bounds)]
+
+    def side(spaces: list[int], cum: list[int]) -> None:
+        start = 0
+        for s, c in zip(spaces, cum):
+            stop = bounds.index(c) + 1
+            A.unify(s, A.t.product(factors[start:stop]), node, "reshape regroup")
+            start = stop
+
+    side(sa, cum_a)
+    side(sb, cum_b)
 
 
 def _rewrite_shape_arg(index: int, name: str):
