@@ -143,8 +143,14 @@ class PassManager:
                     check_invariants(result.program, p.name)
             except PassError:
                 raise
-            except FxPruneError as e:
-                raise PassError(str(e), pass_name=p.name, fix=e.fix) from e
+            except FxPruneError as e:  # keep the specific type (BudgetError, VerificationError...), name the pass
+                msg = str(e).split("\n  fix: ")[0]
+                try:
+                    err = type(e)(f"pass {p.name!r}: {msg}", fix=e.fix)
+                except TypeError:
+                    err = PassError(msg, pass_name=p.name, fix=e.fix)
+                err.pass_name = p.name  # type: ignore[attr-defined]
+                raise err from e
             except Exception as e:
                 raise PassError(f"{type(e).__name__}: {e}", pass_name=p.name) from e
             dt = time.perf_counter() - t0
