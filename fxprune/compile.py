@@ -110,6 +110,7 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
     return Report(
         model=type(model).__name__,
         tracer=initial.meta.get("tracer", TRACER),
+        dynamic_batch=bool(initial.gm.meta.get("fxprune_dynamic_batch", False)),
         params_before=params_before,
         params_after=count_params(final.gm),
         macs_before=macs_before,

@@ -128,6 +128,9 @@ class RewriteContext:
     def new(self, space: int) -> int:
         return int(self.keep(space).sum())
 
+    def old_size(self, space: int) -> int:
+        return self._a.table.size(self._a.table.find(space))
+
     def spaces(self, node: fx.Node) -> Any:
         return self._a.node_spaces[node.name]
 

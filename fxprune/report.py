@@ -22,6 +22,7 @@ class GroupRow:
 class Report:
     model: str
     tracer: str
+    dynamic_batch: bool
     params_before: int
     params_after: int
     macs_before: int
@@ -56,7 +57,8 @@ class Report:
     def summary(self) -> str:
         v = {None: "not run", True: "yes", False: "NO"}[self.verified]
         lines = [
-            f"fxprune report: {self.model}  (traced with {self.tracer}, {self.seconds:.2f} s)",
+            f"fxprune report: {self.model}  (traced with {self.tracer}, "
+            f"{'dynamic' if self.dynamic_batch else 'static'} batch, {self.seconds:.2f} s)",
             f"  {'':<10}{'before':>16}{'after':>16}{'ratio':>10}",
             f"  {'params':<10}{self.params_before:>16,}{self.params_after:>16,}{self.params_ratio:>10.3f}",
             f"  {'MACs':<10}{self.macs_before:>16,}{self.macs_after:>16,}{self.macs_ratio:>10.3f}",

@@ -634,11 +634,27 @@ def _regroup(A: Analyzer, node: fx.Node, sa: list[int], na: list[int], sb: list[
     side(sb, cum_b)
 
 
+def _new_sizes(R: Any, node: fx.Node, old: list[Any], spaces: list[int], allow_infer: bool) -> list[Any]:
+    """New shape-argument entries: ints are recomputed from the kept sizes; a symbolic entry (e.g. batch*heads under
+    a dynamic batch) whose dim shrank becomes -1 when that is unambiguous; otherwise the rewrite is impossible."""
+    new = []
+    for o, s in zip(old, spaces):
+        if isinstance(o, int):
+            new.append(o if o == -1 else R.new(s))
+        elif R.new(s) != R.old_size(s):
+            if not allow_infer or any(x == -1 for x in old if isinstance(x, int)) or \
+                    sum(1 for x, y in zip(old, spaces) if not isinstance(x, int) and R.new(y) != R.old_size(y)) > 1:
+                raise ValueError(f"symbolic size {o} of a pruned dim cannot be rewritten")
+            new.append(-1)
+        else:
+            new.append(o)
+    return new
+
+
 def _rewrite_shape_arg(index: int, name: str):
     def rw(R: Any, node: fx.Node) -> None:
         old = list(_arg(node, index, name))
-        sp = R.spaces(node)
-        new = [o if (not isinstance(o, int) or o == -1) else R.new(s) for o, s in zip(old, sp)]
+        new = _new_sizes(R, node, old, R.spaces(node), allow_infer=True)
         if new != old:
             _set_arg(node, index, name, new)
 
@@ -660,7 +676,7 @@ def _rewrite_unflatten(R: Any, node: fx.Node) -> None:
     d = _nd(node.args[1], len(R.shape(x)))
     sp = R.spaces(node)
     old = list(node.args[2])
-    new = [o if o == -1 else R.new(sp[d + i]) for i, o in enumerate(old)]
+    new = [o if (not isinstance(o, int) or o == -1) else R.new(sp[d + i]) for i, o in enumerate(old)]
     if new != old:
         _set_arg(node, 2, "sizes", new)
 
@@ -726,7 +742,14 @@ def _squeeze(A: Analyzer, node: fx.Node) -> None:
 def _rewrite_expand(R: Any, node: fx.Node) -> None:
     old = list(node.args[1])
     sp = R.spaces(node)
-    new = [o if o == -1 else R.new(s) for o, s in zip(old, sp)]
+    new = []
+    for o, s in zip(old, sp):
+        if isinstance(o, int):
+            new.append(o if o == -1 else R.new(s))
+        elif R.new(s) != R.old_size(s):
+            raise ValueError(f"symbolic expand size {o} of a pruned dim cannot be rewritten")
+        else:
+            new.append(o)
     if new != old:
         _set_arg(node, 1, "size", new)
 

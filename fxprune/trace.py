@@ -52,10 +52,29 @@ def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[
     return args, kwargs
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_model: bool = True) -> fx.GraphModule:
+def _batch_dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+    """Mark dim 0 of every tensor input as Dim.AUTO (dynamic where the model allows, specialised otherwise)."""
+    from torch.export import Dim
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 1:
+            return {0: Dim.AUTO}
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    return (spec(tuple(args)), spec(dict(kwargs))) if kwargs else spec(tuple(args))
+
+
+def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_model: bool = True,
+          dynamic_batch: bool = True) -> fx.GraphModule:
     """Export ``model`` (in eval mode) to a GraphModule of ATen ops whose ``get_attr`` nodes name the parameters.
 
-    The model is deep-copied first (unless ``copy_model=False``) so that the returned module owns its parameters
+    With ``dynamic_batch`` (default) dim 0 of every input is exported as dynamic where the model allows it
+    (``Dim.AUTO``; a batch of 1 is always specialised), so the pruned module and its ONNX export accept any batch
+    size; models that do not trace that way fall back to static shapes. The model is deep-copied first (unless ``copy_model=False``) so that the returned module owns its parameters
     and pruning it never touches the user's model. Raises :class:`TraceError` with the underlying reason.
     """
     if not isinstance(model, nn.Module):
@@ -68,7 +87,18 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
     was_training = work.training
     work.eval()
     try:
-        ep = torch.export.export(work, args, kwargs, strict=False)
+        ep = None
+        gm_dynamic = False
+        if dynamic_batch:
+            try:
+                ep = torch.export.export(work, args, kwargs, strict=False,
+                                         dynamic_shapes=_batch_dynamic_shapes(args, kwargs))
+                gm_dynamic = any(isinstance(s, torch.SymInt) for n in ep.graph.nodes if n.op == "placeholder"
+                                 for s in getattr(n.meta.get("val"), "shape", ()))
+            except Exception:  # some models only trace with static shapes: fall back below
+                ep = None
+        if ep is None:
+            ep = torch.export.export(work, args, kwargs, strict=False)
     except Exception as e:  # torch raises many types here; we re-raise one with the cause attached
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(
@@ -83,6 +113,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
     gm = ep.module()
     inline_wrapper_hops(gm)
     gm.meta["fxprune_tracer"] = TRACER
+    gm.meta["fxprune_dynamic_batch"] = gm_dynamic
     gm.meta["fxprune_root_class"] = type(model).__name__
     return gm
 

@@ -42,3 +42,20 @@ def test_hard_case(name, ratio):
     # the user's model is untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dynamic_batch(name):
+    """Traced with a dynamic batch dim: the shrunk module runs (and matches the masked one) at another batch size."""
+    model, inputs = build(name)
+    shrunk = fxprune.compile(model, inputs, passes=[ChannelPrune(0.5), Shrink()])
+    masked = fxprune.compile(model, inputs, passes=[ChannelPrune(0.5), ApplyMasks()])
+    assert shrunk.module.meta["fxprune_dynamic_batch"] is True
+    x = inputs[0]
+    big = torch.cat([x] * 5, dim=0)[:5]  # batch 5
+    (fresh,), _ = random_like((big,), {}, seed=7)
+    with torch.no_grad():
+        a, b = _leaves(shrunk.module(fresh)), _leaves(masked.module(fresh))
+    assert a[0].shape[0] == 5
+    for x_, y_ in zip(a, b):
+        assert (x_ - y_).abs().max().item() <= 1e-4 * max(y_.abs().max().item(), 1e-6)
