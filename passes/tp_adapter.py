@@ -42,6 +42,8 @@ class TorchPruningImportance:
                 raise InputError("Torch-Pruning importances need the original nn.Module",
                                  fix="use fxprune.compile(model, ...) rather than building a Program by hand")
             model = copy.deepcopy(program.source).eval()
+            for (_, src), (_, dst) in zip(program.source.named_parameters(), model.named_parameters()):
+                dst.grad = None if src.grad is None else src.grad.detach().clone()  # Taylor/Hessian need them
             for name, p in model.named_parameters():
                 try:
                     cur = program.param(name)
@@ -72,8 +74,15 @@ class TorchPruningImportance:
             else:
                 continue
             tp_group = dg.get_pruning_group(mod, fn, idxs=list(range(n)))
-            with torch.enable_grad():
-                s = self.importance(tp_group)
+            try:
+                with torch.enable_grad():
+                    s = self.importance(tp_group)
+            except AttributeError as e:
+                if "grad" in str(e) or "NoneType" in str(e):
+                    raise InputError(f"{type(self.importance).__name__} needs gradients on the model's parameters",
+                                     fix="run a forward and loss.backward() on the model (or accumulate "
+                                         "importance as Torch-Pruning documents) before fxprune.compile") from e
+                raise
             if s is None:
                 continue
             s = s.detach().double().cpu().numpy()
