@@ -8,6 +8,7 @@ only risk 0/0) since the zeroed scale already silences the channel.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -71,41 +72,35 @@ def apply_weight_masks(gm: fx.GraphModule, weight_masks: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def slice_parameters(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[str, tuple]:
-    """Physically remove channels from every parameter/buffer of ``gm`` (in place). Returns new shapes."""
+def shrunk_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> fx.GraphModule:
+    """A copy of ``gm`` whose parameters/buffers have the removed channels physically sliced out.
+
+    Only the module structure is copied: sliced tensors are new, untouched tensors are *shared* with ``gm`` (which
+    callers treat as a private, to-be-discarded masked copy), so peak memory stays near one model.
+    """
     keep = param_keep(groups, leaf_keep)
-    aliases: dict[str, list[str]] = {}
-    for alias, canon in groups.analysis.param_alias.items():
-        aliases.setdefault(canon, []).append(alias)
-    new_shapes: dict[str, tuple] = {}
+    memo: dict[int, Any] = {}
+    seen: set[int] = set()
     for name, dims in keep.items():
-        if all(k is None for k in dims):
-            continue
         mod, attr = _owner(gm, name)
         t = getattr(mod, attr)
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if all(k is None for k in dims):
+            memo[id(t)] = t
+            continue
         new = t.detach()
         for d, k in enumerate(dims):
             if k is not None:
                 idx = torch.from_numpy(np.nonzero(k)[0]).to(t.device)
                 new = new.index_select(d, idx) if not new.is_meta else new.new_empty(
-                    tuple(len(idx) if i == d else s for i, s in enumerate(new.shape)))
-        new = new.clone().contiguous()
-        replacement: torch.Tensor
-        if isinstance(t, nn.Parameter):
-            replacement = nn.Parameter(new, requires_grad=t.requires_grad)
-        else:
-            replacement = new
-        for alias in aliases.get(name, [name]):
-            m, a = _owner(gm, alias)
-            if isinstance(replacement, nn.Parameter) or a in m._parameters:
-                m._parameters[a] = replacement if isinstance(replacement, nn.Parameter) else nn.Parameter(
-                    replacement, requires_grad=False)
-            elif a in m._buffers:
-                m._buffers[a] = replacement
-            else:
-                setattr(m, a, replacement)
-        new_shapes[name] = tuple(new.shape)
-    return new_shapes
+                    tuple(len(idx) if i == d else n for i, n in enumerate(new.shape)))
+        new = new.contiguous()
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo.setdefault(id(t), t)  # parameters outside any group (none expected) are shared, not copied
+    return copy.deepcopy(gm, memo)
 
 
 class RewriteContext:

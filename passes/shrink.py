@@ -1,8 +1,6 @@
 """Shrink: physically remove the masked channels, rewrite shape constants, and verify against the masked program."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -11,7 +9,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from fxprune.analyzer import size_hint
 from fxprune.errors import PassError, VerificationError
 from fxprune.masking import (apply_channel_masks, apply_weight_masks, expected_shapes, param_keep,
-                             rewrite_shape_constants, slice_parameters)
+                             rewrite_shape_constants, shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
 from fxprune.verify import verify
@@ -41,9 +39,8 @@ class Shrink(Pass):
         if not leaf_keep or all(m.all() for m in leaf_keep.values()):
             program.meta["masked"] = True
             return PassResult(program, changed=False, stats={"removed_channels": 0})
-        shrunk = copy.deepcopy(masked)
         keep = param_keep(gs, leaf_keep)
-        slice_parameters(shrunk, gs, leaf_keep)
+        shrunk = shrunk_copy(masked, gs, leaf_keep)
         rewritten = rewrite_shape_constants(shrunk, gs, leaf_keep)
         self._propagate_and_check(shrunk, program, gs, leaf_keep)
         # fine-grained masks follow their parameters
