@@ -60,7 +60,7 @@ def _nd(d: int, ndim: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- elementwise
 @rule("pointwise", aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.dropout,
-      aten.feature_dropout, aten.alpha_dropout, aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+      aten.feature_dropout, aten.alpha_dropout, aten.dropout_, aten.detach_, aten.rsub, aten.feature_dropout_, aten.alpha_dropout_, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
       aten.type_as, aten.lift_fresh_copy, aten.copy_, aten.zero_, aten.fill_, aten.zeros_like, aten.ones_like,
       aten.full_like, aten.empty_like, aten.rand_like, aten.randn_like, aten.mish, aten.mish_, aten.elu, aten.elu_,
       aten.leaky_relu, aten.leaky_relu_, aten.gelu_, aten.silu_, aten.relu_, aten.celu, aten.selu,
@@ -268,10 +268,17 @@ def _norm_params(A: Analyzer, node: fx.Node, channel: int, params: list[Any], bn
         A.role(bn_weight, "bn_weight")
 
 
+def _bn_batch_stats(A: Analyzer, node: fx.Node, s: list[int], training: Any) -> None:
+    """Batch statistics (training=True, e.g. weight standardisation) observe every dim but the channel dim."""
+    if training is True:
+        A.freeze([sp for i, sp in enumerate(s) if i != 1], node, "batch statistics over these dims")
+
+
 @rule(aten.batch_norm)
 def _batch_norm(A: Analyzer, node: fx.Node) -> None:
     x, w, b, rm, rv = node.args[:5]
     s = list(A.sp(x))
+    _bn_batch_stats(A, node, s, _arg(node, 5, "training"))
     _norm_params(A, node, s[1], [w, b, rm, rv], bn_weight=w)
     A.role(rv, "no_zero")
     A.aux[node] = {"bn": (w, b, rm, rv)}
@@ -281,8 +288,12 @@ def _batch_norm(A: Analyzer, node: fx.Node) -> None:
 @rule(aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
       aten.native_batch_norm, aten._native_batch_norm_legit)
 def _native_bn(A: Analyzer, node: fx.Node) -> None:
-    x, w, b, rm, rv = node.args[:5]
+    no_stats = node.target._overloadname == "no_stats"
+    x, w, b = node.args[:3]
+    rm, rv = (None, None) if no_stats else node.args[3:5]
     s = list(A.sp(x))
+    if node.target.overloadpacket is not aten._native_batch_norm_legit_no_training:
+        _bn_batch_stats(A, node, s, node.args[3] if no_stats else node.args[5])
     _norm_params(A, node, s[1], [w, b, rm, rv], bn_weight=w)
     A.role(rv, "no_zero")
     outs = [s] + [[s[1]] for _ in range(len(A.val(node)) - 1)]
@@ -449,7 +460,8 @@ def _rewrite_split(R: Any, node: fx.Node) -> None:
     node.kwargs = {}
 
 
-@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, rewrite=_rewrite_split)
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unsafe_split, aten.unsafe_chunk,
+      aten.unsafe_split_with_sizes, aten.split_with_sizes_copy, aten.split_copy, rewrite=_rewrite_split)
 def _split(A: Analyzer, node: fx.Node) -> None:
     if node.target.overloadpacket is aten.tensor_split and not isinstance(node.args[1], (int, list, tuple)):
         A.freeze_all(node, "tensor_split by a tensor of indices")
@@ -1004,4 +1016,19 @@ def _index_select(A: Analyzer, node: fx.Node) -> None:
             A.freeze([a, b], node, "gathered by a tensor of indices")
         else:
             A.unify(a, b, node, "gather passthrough")
+    A.set(node, out)
+
+
+@rule(aten.repeat_interleave)
+def _repeat_interleave(A: Analyzer, node: fx.Node) -> None:
+    x = node.args[0]
+    reps = _arg(node, 1, "repeats")
+    d = _arg(node, 2, "dim")
+    if not isinstance(reps, int) or d is None:
+        A.freeze_all(node, "repeat_interleave with tensor repeats or without dim")
+        return
+    s = list(A.sp(x))
+    d = _nd(d, len(s))
+    out = list(s)
+    out[d] = A.t.product([s[d], A.t.new(reps, f"{node.name}.repeat", "repeat_interleave count")], node.name)
     A.set(node, out)
