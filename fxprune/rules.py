@@ -673,9 +673,19 @@ def _rewrite_shape_arg(index: int, name: str):
     return rw
 
 
+def _freeze_unrewritable_symbolic(A: Analyzer, node: fx.Node, sizes: Any, allow_infer: bool) -> None:
+    """Symbolic shape entries (dynamic batch, e.g. batch*heads) can only be rewritten as a single inferred -1."""
+    out = A.spaces[node]
+    sym = [i for i, o in enumerate(sizes) if not isinstance(o, int)]
+    has_minus_one = any(isinstance(o, int) and o == -1 for o in sizes)
+    if sym and (not allow_infer or has_minus_one or len(sym) > 1):
+        A.freeze([out[i] for i in sym], node, "symbolic size that cannot be rewritten")
+
+
 @rule(aten.view, aten.reshape, aten._unsafe_view, rewrite=_rewrite_shape_arg(1, "size"))
 def _view(A: Analyzer, node: fx.Node) -> None:
     _reshape_spaces(A, node, node.args[0])
+    _freeze_unrewritable_symbolic(A, node, list(_arg(node, 1, "size")), allow_infer=True)
 
 
 @rule(aten.flatten, aten.view_as, aten.reshape_as)
@@ -776,6 +786,7 @@ def _expand(A: Analyzer, node: fx.Node) -> None:
     for sp_, n, m in zip(s, shp, outs[lead:]):
         out.append(sp_ if n == m else A.t.new(m, f"{node.name}.expand", None))
     A.set(node, out)
+    _freeze_unrewritable_symbolic(A, node, list(node.args[1]), allow_infer=False)
 
 
 @rule(aten.expand_as)
