@@ -116,7 +116,12 @@ class Analyzer:
             return False
 
     def freeze(self, spaces: Iterable[int], node: fx.Node, why: str) -> None:
-        reason = f"{node.name} ({op_name(node)}): {why}"
+        if node.op == "output":
+            reason = why
+        elif node.op == "placeholder":
+            reason = f"{why} {node.name!r}"
+        else:
+            reason = f"{node.name} ({op_name(node)}): {why}"
         any_ = False
         for s in spaces:
             self.t.freeze(s, reason)

@@ -71,13 +71,16 @@ class Report:
         return "\n".join(lines)
 
     def table(self, max_rows: int = 60) -> str:
-        head = f"  {'group':>5}  {'kind':<8}  {'channels':>13}  {'members':>7}  {'layer':<40}  note"
+        head = (f"  {'group':>5}  {'kind':<8}  {'channels':>13}  {'members':>7}  {'layer':<40}  "
+                f"{'importance min/mean/max':<24}  note")
         rows = [head, "  " + "-" * (len(head) + 8)]
         shown = sorted(self.groups, key=lambda g: (g.frozen is not None, g.id))
         for g in shown[:max_rows]:
             ch = f"{g.before} -> {g.after}"
             note = f"frozen: {g.frozen}" if g.frozen else ""
-            rows.append(f"  {g.id:>5}  {g.kind:<8}  {ch:>13}  {g.members:>7}  {g.label[:40]:<40}  {note[:90]}")
+            imp = "/".join(f"{v:.3g}" for v in g.importance) if g.importance else ""
+            rows.append(f"  {g.id:>5}  {g.kind:<8}  {ch:>13}  {g.members:>7}  {g.label[:40]:<40}  {imp:<24}  "
+                        f"{note[:90]}")
         if len(shown) > max_rows:
             rows.append(f"  ... {len(shown) - max_rows} more groups (Report.as_dict() has all)")
         if self.unknown_ops:
