@@ -103,7 +103,7 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
                      None if g.prunable else g.frozen, importance.get(g.id)) for g in groups]
     verified = max_diff = observable = None
     for name, r, _ in results:
-        if "verified" in r.stats:
+        if r.stats.get("verified") is not None:
             verified = bool(r.stats["verified"]) if verified is None else (verified and bool(r.stats["verified"]))
             max_diff = max(max_diff or 0.0, float(r.stats["max_abs_diff"]))
             observable = r.stats.get("observable")

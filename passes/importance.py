@@ -39,7 +39,14 @@ def _member_scores(program: Program, group: Group, p: int) -> list[np.ndarray]:
     return out
 
 
+def _require_values(program: Program, group: Group, what: str) -> None:
+    if any(program.param(m.param).is_meta for m in group.members):
+        raise InputError(f"importance {what!r} needs weight values, but the model is on the meta device",
+                         fix="load real weights first, or plan with importance='random' or a callable")
+
+
 def magnitude(program: Program, group: Group, p: int = 2) -> np.ndarray:
+    _require_values(program, group, f"l{p}")
     scores = _member_scores(program, group, p)
     if not scores:
         return np.ones(group.size)
@@ -47,6 +54,7 @@ def magnitude(program: Program, group: Group, p: int = 2) -> np.ndarray:
 
 
 def bn_scale(program: Program, group: Group) -> np.ndarray | None:
+    _require_values(program, group, "bn_scale")
     roles = program.groups.analysis.param_roles
     scores = []
     for m in group.members:
