@@ -53,6 +53,7 @@ class Analysis:
     frozen_nodes: list[tuple[str, str, str]]  # (node, op, reason) for every freeze caused by a node
     unknown_ops: dict[str, list[str]]  # op -> node names without a rule
     mac_terms: list[MacTerm]
+    param_nodes: set[str] = field(default_factory=set)  # names of get_attr nodes
     notes: list[str] = field(default_factory=list)
 
 
@@ -236,6 +237,7 @@ class Analyzer:
             frozen_nodes=self.frozen_nodes,
             unknown_ops=self.unknown,
             mac_terms=self.mac_terms,
+            param_nodes={n.name for n in graph.nodes if n.op == "get_attr"},
             notes=self.notes,
         )
 

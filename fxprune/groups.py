@@ -90,6 +90,12 @@ class GroupSet:
         self.groups: list[Group] = []
         self._by_space: dict[int, Group] = {}
         order = [leaf for leaf in order if not _trivial(frozen.get(leaf), t.size(leaf))]
+        # safety net: a channel space that no activation carries was not modelled by any op rule (its use is
+        # unknown), so it must not be pruned
+        seen_in_activations = self._activation_leaves()
+        for leaf in order:
+            if leaf not in seen_in_activations and leaf not in frozen:
+                frozen[leaf] = "not carried by any activation (use not modelled by the analyzer)"
         for gid, leaf in enumerate(order):
             members = by_leaf[leaf]
             g = Group(gid, leaf, t.size(leaf), members, frozen.get(leaf), label=_label(members))
@@ -103,6 +109,28 @@ class GroupSet:
         self.graph = self._build_graph()
         for g in self.groups:
             g.related = sorted(n[1] for n in self.graph.neighbors(("group", g.id)) if n[0] == "group")
+
+    def _activation_leaves(self) -> set[int]:
+        t = self.analysis.table
+        out: set[int] = set()
+        seen: set[int] = set()
+
+        def walk(sp: Any) -> None:
+            if sp is None:
+                return
+            if isinstance(sp, int):
+                r = t.find(sp)
+                if r not in seen:
+                    seen.add(r)
+                    out.update(t.leaves(r))
+                return
+            for x in sp:
+                walk(x)
+
+        for name, sp in self.analysis.node_spaces.items():
+            if name not in self.analysis.param_nodes:
+                walk(sp)
+        return out
 
     def _outer_factors(self) -> set[int]:
         """Leaves that are a non-last factor of a product whose later factors hold a prunable leaf."""

@@ -996,21 +996,29 @@ def _no_channels(A: Analyzer, node: fx.Node) -> None:
 
 @rule(aten.index)
 def _index(A: Analyzer, node: fx.Node) -> None:
-    x, indices = node.args[0], node.args[1]
+    """Advanced indexing ``x[..., idx, ...]``: indexed dims are frozen (as are the index tensors), dims indexed by
+    ``None`` (``:``) pass through; the broadcast index dims replace the indexed ones (in place when adjacent,
+    in front otherwise), exactly as torch defines it."""
+    x, indices = node.args[0], list(node.args[1])
     s = list(A.sp(x))
-    indexed = [s[i] for i, ix in enumerate(indices) if ix is not None]
+    indices = indices + [None] * (len(s) - len(indices))
+    pos = [i for i, ix in enumerate(indices) if ix is not None]
+    idx_spaces = []
     for ix in indices:
         if A.sp(ix) is not None:
-            indexed.extend(A.sp(ix))
-    A.freeze(indexed, node, "indexed by a tensor")
-    out = A.fresh(A.shape(node), node.name, None)
-    # un-indexed trailing dims pass through unchanged
-    k = len(indices)
-    tail = s[k:]
-    for a, b in zip(out[len(out) - len(tail):], tail):
-        A.unify(a, b, node, "index passthrough")
-    lead_out = out[: len(out) - len(tail)]
-    A.freeze(lead_out, node, "indexed by a tensor")
+            idx_spaces.extend(A.sp(ix))
+    A.freeze([s[i] for i in pos] + idx_spaces, node, "indexed by a tensor")
+    out_shape = A.shape(node)
+    out = A.fresh(out_shape, node.name, "indexed by a tensor")
+    rest = [s[i] for i in range(len(s)) if indices[i] is None]
+    n_idx = len(out_shape) - len(rest)
+    adjacent = pos == list(range(pos[0], pos[-1] + 1)) if pos else True
+    if adjacent and pos:
+        passthrough = list(range(pos[0])) + list(range(pos[0] + n_idx, len(out_shape)))
+    else:
+        passthrough = list(range(n_idx, len(out_shape)))
+    for j, sp_ in zip(passthrough, rest):
+        A.unify(out[j], sp_, node, "index passthrough")
     A.set(node, out)
 
 
