@@ -800,8 +800,16 @@ def _repeat(A: Analyzer, node: fx.Node) -> None:
     s = list(A.sp(x))
     lead = len(reps) - len(s)
     out = [A.t.new(n, node.name, "repeat axis") for n in reps[:lead]]
-    for sp_, r in zip(s, reps[lead:]):
-        out.append(sp_ if r == 1 else A.t.concat([sp_] * r, node.name))
+    for sp_, n, r, m in zip(s, A.shape(x), reps[lead:], A.shape(node)[lead:]):
+        if isinstance(r, int) and r == 1:
+            out.append(sp_)
+        elif isinstance(r, int) and n > 1:
+            out.append(A.t.concat([sp_] * r, node.name))
+        else:  # a broadcast-like repeat of a size-1 dim, or a symbolic (dynamic-batch) count
+            new = A.t.new(m, node.name, "repeat axis")
+            if n > 1:
+                A.freeze([sp_], node, "repeated a symbolic number of times")
+            out.append(new)
     A.set(node, out)
 
 
