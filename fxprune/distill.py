@@ -18,7 +18,7 @@ together with the student's.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -136,6 +136,13 @@ class FeatureTaps:
         return out, found
 
 
+def _set_mode(m: nn.Module, training: bool) -> None:
+    try:
+        m.train(training)
+    except NotImplementedError:  # torch.export modules refuse train()/eval(); their graph fixes the mode anyway
+        pass
+
+
 def _is_graph(m: nn.Module) -> bool:
     return isinstance(m, fx.GraphModule)
 
@@ -192,12 +199,12 @@ class FeatureDistiller(nn.Module):
     def features(self, *args: Any, **kwargs: Any) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
         """``(student_out, teacher_feats, student_feats)`` for one batch (teacher under no_grad, eval mode)."""
         was = self.teacher.training
-        self.teacher.eval()
+        _set_mode(self.teacher, False)
         try:
             with torch.no_grad():
                 _, tf = self._t(*args, **kwargs)
         finally:
-            self.teacher.train(was)
+            _set_mode(self.teacher, was)
         out, sf = self._s(*args, **kwargs)
         t = [_tensor(tf[a], a).detach() for a, _ in self.pairs]
         s = [_tensor(sf[b], b) for _, b in self.pairs]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -308,13 +309,16 @@ def train_mode(module: nn.Module, *, batchnorm: bool = True, dropout: bool = Tru
                 n.update_arg(5, True)
                 flipped.append((n, 5))
                 changed = True
+            elif batchnorm and name == "aten._native_batch_norm_legit_no_training.default":
+                warnings.warn(f"{n.name}: an inference-only batch norm op; its statistics stay frozen in train_mode",
+                              stacklevel=3)
             elif dropout and name in _DROPOUT_OPS and len(n.args) > 2 and n.args[2] is False:
                 n.update_arg(2, True)
                 flipped.append((n, 2))
                 changed = True
         if changed:
             gm.recompile()
-    module.train()
+    _set_mode(module, True)
     if not batchnorm:
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -326,11 +330,12 @@ def train_mode(module: nn.Module, *, batchnorm: bool = True, dropout: bool = Tru
             n.update_arg(i, False)
         for gm in gms:
             gm.recompile()
-        module.train(was)
+        _set_mode(module, was)
 
 
 def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[Any, Any], torch.Tensor], *, epochs: int = 1,
-        lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None, regularizer: SparsityRegularizer | None = None,
+        lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
+        regularizer: SparsityRegularizer | None = None,
         distiller: nn.Module | None = None, batchnorm: bool = True, max_steps: int | None = None, seed: int = 0,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """A minimal training loop (examples and benchmarks use it; any loop of your own works the same way).
@@ -386,11 +391,21 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[Any, Any], torch.Te
 def accuracy(model: nn.Module, data: Iterable) -> float:
     """Top-1 accuracy of a classifier over ``(inputs, labels)`` batches (model in eval mode)."""
     was = model.training
-    model.eval()
+    _set_mode(model, False)
     correct = total = 0
     for x, y in data:
         out = model(*(x if isinstance(x, tuple) else (x,)))
         correct += int((out.argmax(-1) == y).sum())
         total += int(y.numel())
-    model.train(was)
+    _set_mode(model, was)
     return correct / max(total, 1)
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)``; modules from ``torch.export`` refuse it (their graph fixes the mode), then the
+    flags of their submodules are set directly."""
+    try:
+        module.train(training)
+    except NotImplementedError:
+        for m in module.modules():
+            m.training = training
