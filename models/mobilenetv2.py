@@ -1,10 +1,14 @@
-"""MobileNetV2: inverted residuals (expand 1x1, depthwise 3x3, linear 1x1 projection), ReLU6."""
+"""MobileNetV2 (torchvision layout): inverted residuals (expand 1x1, depthwise 3x3 with groups=C, linear 1x1
+projection), residual add when stride 1 and in == out, ReLU6, classifier Dropout + Linear.
+
+Traces with ``torch.export`` and ``torch.fx.symbolic_trace``.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ._common import build_on, check_size, seeded
+from ._common import build_on, check_size, image_inputs, seeded
 
 
 def _cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn.Sequential:
@@ -13,6 +17,8 @@ def _cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn.Seq
 
 
 class InvertedResidual(nn.Module):
+    """[1x1 expand-BN-ReLU6] - 3x3 depthwise-BN-ReLU6 - 1x1 project-BN (linear bottleneck) [+ x]."""
+
     def __init__(self, cin: int, cout: int, stride: int, expand: int):
         super().__init__()
         hidden = cin * expand
@@ -27,6 +33,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    """forward(x: (B, 3, H, W)) -> logits (B, num_classes). ``depth`` caps the blocks per stage (None: the paper's)."""
+
     SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
 
@@ -55,6 +63,9 @@ SIZES = {"tiny": dict(width=0.25, depth=1, num_classes=10, img=32),
 
 
 def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
+    """MobileNetV2 (size "full": width 1.0, 224x224, 1000 classes; "tiny": width 0.25, one block per stage, 32x32,
+    10 classes), deterministic in ``seed``. forward(x: (B, 3, img, img)) -> logits (B, num_classes).
+    ``overrides`` replace constructor arguments; ``device="meta"`` allocates nothing."""
     cfg = {**check_size(size, SIZES), **overrides}
     cfg.pop("img")
     with seeded(seed):
@@ -62,5 +73,5 @@ def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Mod
 
 
 def example_inputs(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    """``(x,)``: a (batch, 3, img, img) float image batch for ``size``."""
+    return image_inputs(check_size(size, SIZES)["img"], batch, seed)

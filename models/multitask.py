@@ -1,10 +1,14 @@
-"""A multitask CNN: shared backbone with a residual block, a classification head and a regression head."""
+"""A multitask CNN: shared conv-BN-ReLU backbone with a residual block, then two heads on the shared features: a
+classification head (global pool, Linear to 10) and a regression head (conv branch, pool, Linear to 4).
+
+Traces with ``torch.export`` and ``torch.fx.symbolic_trace``.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ._common import build_on, check_size, seeded
+from ._common import build_on, check_size, image_inputs, seeded
 
 
 def _cbr(cin: int, cout: int, s: int = 1) -> nn.Sequential:
@@ -35,6 +39,9 @@ SIZES = {"tiny": dict(width=16, num_classes=10, img=32), "full": dict(width=64, 
 
 
 def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
+    """The multitask CNN (size "tiny": width 16, 32x32; "full": width 64, 128x128), deterministic in ``seed``.
+    forward(x: (B, 3, img, img)) -> (logits (B, 10), regression (B, 4)).
+    ``overrides`` replace constructor arguments; ``device="meta"`` allocates nothing."""
     cfg = {**check_size(size, SIZES), **overrides}
     cfg.pop("img")
     with seeded(seed):
@@ -42,5 +49,5 @@ def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Mod
 
 
 def example_inputs(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    """``(x,)``: a (batch, 3, img, img) float image batch for ``size``."""
+    return image_inputs(check_size(size, SIZES)["img"], batch, seed)

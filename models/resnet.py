@@ -1,13 +1,20 @@
-"""ResNets: CIFAR-style ResNet-56 (BasicBlock) and ImageNet-style ResNet-50-like (Bottleneck)."""
+"""ResNets, torchvision style: CIFAR ResNet-56 (BasicBlock) and ImageNet-style ResNet-50-like (Bottleneck).
+
+Shortcuts are ``identity`` or a 1x1-conv+BN ``downsample`` when the stride or the width changes; ReLUs are
+``nn.ReLU(inplace=True)``. Registered as ``resnet56`` and ``resnet50`` (see :mod:`.resnet56`, :mod:`.resnet50`);
+``build(variant=...)`` picks one directly. Both trace with ``torch.fx.symbolic_trace`` and ``torch.export``.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ._common import build_on, check_size, seeded
+from ._common import build_on, check_size, image_inputs, seeded
 
 
 class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -27,6 +34,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4x)-BN + shortcut, ReLU (ResNet v1.5 stride placement)."""
+
     expansion = 4
 
     def __init__(self, cin: int, width: int, stride: int = 1):
@@ -104,30 +113,49 @@ class ImageNetResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-RESNET56_SIZES = {"tiny": dict(n=1, width=8, img=32), "full": dict(n=9, width=16, img=32)}
-RESNET50_SIZES = {"tiny": dict(layers=(1, 1, 1, 1), width=8, img=64, num_classes=10),
-                  "full": dict(layers=(3, 4, 6, 3), width=64, img=224, num_classes=1000)}
+RESNET56_SIZES = {"tiny": dict(n=1, width=8, num_classes=10, img=32),    # ResNet-8, ~20K params
+                  "full": dict(n=9, width=16, num_classes=10, img=32)}    # ResNet-56, ~0.86M params
+RESNET50_SIZES = {"tiny": dict(layers=(1, 1, 1, 1), width=8, num_classes=10, img=64),     # ~0.13M params
+                  "full": dict(layers=(3, 4, 6, 3), width=64, num_classes=1000, img=224)}  # ~25.6M params
+VARIANTS = {"resnet56": (CifarResNet, RESNET56_SIZES), "resnet50": (ImageNetResNet, RESNET50_SIZES)}
+SIZES = RESNET56_SIZES  # sizes of the default variant
+
+
+def _variant(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ResNet variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def build(size: str = "tiny", seed: int = 0, device=None, variant: str = "resnet56", **overrides) -> nn.Module:
+    """A randomly initialised ResNet (``variant`` "resnet56": CIFAR, or "resnet50": ImageNet-style), deterministic
+    in ``seed``. ``overrides`` replace constructor arguments of the size's config. forward(x: (B, 3, img, img))
+    -> logits (B, num_classes)."""
+    ctor, sizes = _variant(variant)
+    cfg = {**check_size(size, sizes), **overrides}
+    cfg.pop("img")
+    with seeded(seed):
+        return build_on(device, ctor, **cfg)
+
+
+def example_inputs(size: str = "tiny", batch: int = 2, seed: int = 0, variant: str = "resnet56") -> tuple:
+    """``(x,)``: a (batch, 3, img, img) float image batch for ``size`` of ``variant``."""
+    return image_inputs(check_size(size, _variant(variant)[1])["img"], batch, seed)
 
 
 def build_resnet56(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
-    cfg = {**check_size(size, RESNET56_SIZES), **overrides}
-    cfg.pop("img")
-    with seeded(seed):
-        return build_on(device, CifarResNet, **cfg)
+    """CIFAR ResNet-56 (size "full") or ResNet-8 (size "tiny"); forward(x: (B, 3, 32, 32)) -> (B, 10)."""
+    return build(size, seed, device, variant="resnet56", **overrides)
 
 
 def example_inputs_resnet56(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, RESNET56_SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    return example_inputs(size, batch, seed, variant="resnet56")
 
 
 def build_resnet50(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
-    cfg = {**check_size(size, RESNET50_SIZES), **overrides}
-    cfg.pop("img")
-    with seeded(seed):
-        return build_on(device, ImageNetResNet, **cfg)
+    """ResNet-50-like (size "full": 224x224 -> 1000 classes; "tiny": [1,1,1,1] bottlenecks, 64x64 -> 10)."""
+    return build(size, seed, device, variant="resnet50", **overrides)
 
 
 def example_inputs_resnet50(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, RESNET50_SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    return example_inputs(size, batch, seed, variant="resnet50")

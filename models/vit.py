@@ -1,14 +1,20 @@
-"""ViT: patch embedding conv, class token, position embedding, pre-norm blocks with fused qkv + SDPA, MLP."""
+"""ViT (timm layout): patch-embedding conv, class token, position embedding, pre-norm blocks with a fused qkv
+Linear + SDPA, MLP fc1-GELU-fc2, final LayerNorm, class-token head.
+
+Traces with ``torch.export`` and ``torch.fx.symbolic_trace``.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import build_on, check_size, seeded
+from ._common import build_on, check_size, image_inputs, seeded
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention: one fused ``qkv = nn.Linear(dim, 3 * dim)``, ``F.scaled_dot_product_attention``."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
@@ -24,6 +30,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -37,6 +45,8 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    """forward(x: (B, 3, img, img)) -> logits (B, num_classes)."""
+
     def __init__(self, img: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, heads: int = 6,
                  num_classes: int = 1000, mlp_ratio: float = 4.0):
         super().__init__()
@@ -63,11 +73,14 @@ SIZES = {
 
 
 def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
+    """ViT (size "tiny": 32x32, patch 8, dim 64, depth 2, 4 heads, 10 classes; "full": ViT-S/16; "base": ViT-B/16),
+    deterministic in ``seed``. forward(x: (B, 3, img, img)) -> logits (B, num_classes).
+    ``overrides`` replace constructor arguments; ``device="meta"`` allocates nothing."""
     cfg = {**check_size(size, SIZES), **overrides}
     with seeded(seed):
         return build_on(device, ViT, **cfg)
 
 
 def example_inputs(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    """``(x,)``: a (batch, 3, img, img) float image batch for ``size``."""
+    return image_inputs(check_size(size, SIZES)["img"], batch, seed)

@@ -1,13 +1,21 @@
-"""A YOLOv8-style detector: Conv-BN-SiLU, C2f (split/concat), SPPF, FPN/PAN neck, 3-scale decoupled Detect head."""
+"""A YOLOv8-style detector (Ultralytics layout): Conv-BN-SiLU, C2f, SPPF, FPN/PAN neck, 3-scale decoupled Detect head.
+
+C2f halves its cv1 output with ``.split((c, c), 1)`` by default and with ``.chunk(2, 1)`` in the P3 stage
+(``use_chunk=True``), so both forms occur. The head returns raw per-level maps ``cat([box, cls], 1)``; no anchor
+decoding / DFL. Traces with ``torch.export`` and ``torch.fx.symbolic_trace`` (the halves are indexed rather than
+``list(...)``-ed as in Ultralytics, because symbolic_trace cannot iterate a Proxy).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ._common import build_on, check_size, seeded
+from ._common import build_on, check_size, image_inputs, seeded
 
 
 class Conv(nn.Module):
+    """Conv2d(bias=False) + BatchNorm2d + SiLU."""
+
     def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, s, k // 2, bias=False)
@@ -19,6 +27,8 @@ class Conv(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """Two 3x3 Convs, residual add when ``shortcut``."""
+
     def __init__(self, c: int, shortcut: bool = True):
         super().__init__()
         self.cv1, self.cv2 = Conv(c, c, 3), Conv(c, c, 3)
@@ -42,15 +52,18 @@ class C2f(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_chunk:
-            y = list(self.cv1(x).chunk(2, 1))
+            halves = self.cv1(x).chunk(2, 1)
         else:
-            y = list(self.cv1(x).split((self.c, self.c), 1))
+            halves = self.cv1(x).split((self.c, self.c), 1)
+        y = [halves[0], halves[1]]  # Ultralytics: list(...chunk(2, 1)); indexing keeps symbolic_trace working
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))
 
 
 class SPPF(nn.Module):
+    """cv1, three chained MaxPool2d(5, 1, 2), concat of the four maps, cv2."""
+
     def __init__(self, cin: int, cout: int, k: int = 5):
         super().__init__()
         c = cin // 2
@@ -79,6 +92,9 @@ class Detect(nn.Module):
 
 
 class YOLOv8(nn.Module):
+    """Backbone (P3/P4/P5 + SPPF), FPN top-down (Upsample + cat), PAN bottom-up (stride-2 Conv + cat), Detect.
+    forward(x) -> list of 3 maps (B, 4 * reg_max + nc, H/s, W/s), s = 8, 16, 32."""
+
     def __init__(self, width: float = 0.25, depth: float = 0.33, nc: int = 80, reg_max: int = 16):
         super().__init__()
         ch = lambda c: max(8, int(c * width) // 8 * 8)  # noqa: E731
@@ -113,6 +129,10 @@ SIZES = {"tiny": dict(width=0.125, depth=0.33, nc=4, img=64), "full": dict(width
 
 
 def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Module:
+    """The YOLOv8-style detector (size "full": YOLOv8n widths/depths, nc 80, 320x320; "tiny": width 0.125, nc 4,
+    64x64), deterministic in ``seed``. forward(x: (B, 3, H, W)) -> [P3, P4, P5], P_i of shape
+    (B, 4 * reg_max + nc, H / s_i, W / s_i) for strides 8, 16, 32 (box distribution channels first, then classes).
+    ``overrides`` replace constructor arguments; ``device="meta"`` allocates nothing."""
     cfg = {**check_size(size, SIZES), **overrides}
     cfg.pop("img")
     with seeded(seed):
@@ -120,5 +140,5 @@ def build(size: str = "tiny", seed: int = 0, device=None, **overrides) -> nn.Mod
 
 
 def example_inputs(size: str = "tiny", batch: int = 2, seed: int = 0) -> tuple:
-    img = check_size(size, SIZES)["img"]
-    return (torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)),)
+    """``(x,)``: a (batch, 3, img, img) float image batch for ``size``."""
+    return image_inputs(check_size(size, SIZES)["img"], batch, seed)
