@@ -1,158 +1,654 @@
-"""The ``fxprune`` command line.
+"""The ``fxprune`` command line (also ``python -m fxprune``).
 
-    fxprune demo [--model resnet56] [--size full] [--ratio 0.5] [--out fxprune-out] [--json] [--quiet]
-    fxprune passes
-    fxprune report DIR
+    fxprune demo    [--model resnet56] [--size full] [--ratio 0.5] [--out fxprune-out] [--json] [--quiet]
+    fxprune compile MODEL --recipe recipe.yaml [--input-shape 2,3,224,224] [--out DIR] [--weights FILE]
+    fxprune report  DIR [--json]
+    fxprune passes  [NAME] [--json]
 
-Exit codes: 0 ok, 2 bad usage, 1 failure (one-line reason; ``--debug`` shows the traceback).
+MODEL: a reference model name (``fxprune.models.names()``), ``torchvision:NAME``, ``timm:NAME``, ``hf:NAME``
+(a transformers model type such as ``llama``, ``gpt2``, ``bert``, built from a small config, random init) or
+``path/to/file.py:factory``. Progress goes to stderr (``--quiet`` silences it, ``--json`` makes it JSON lines and
+prints one JSON document on stdout). Exit codes: 0 ok, 2 bad usage (unknown command/option/model, bad recipe or
+input shape), 1 failure (a one-line reason; ``--debug`` shows the traceback). See docs/cli.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import inspect
 import json
+import logging
+import os
+import re
 import sys
-import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from .errors import FxPruneError
+from .errors import BackendUnavailableError, FxPruneError, InputError, LoadError, RecipeError
+from .progress import Progress
+
+DEMO_MODEL = "resnet56"  # CIFAR ResNet-56 (0.85M params, 32x32): the whole demo takes about a minute on 2 cores
 
 
 class UsageError(Exception):
     """Bad command-line usage (exit code 2)."""
 
 
-def _log(args: argparse.Namespace, msg: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(msg, file=sys.stderr, flush=True)
+# ============================================================================================ models and inputs
+_HF_SMALL = {  # applied when the config has the attribute: a small random-init model that compiles in seconds
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
+    "hidden_size": 128, "n_embd": 128, "d_model": 128,
+    "intermediate_size": 256, "n_inner": 256, "ffn_dim": 256, "d_ff": 256,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 512, "n_positions": 512,
+}
+
+
+def parse_shape(text: str) -> list[tuple[int, ...]]:
+    """``"2,3,224,224"`` -> [(2, 3, 224, 224)]; several inputs separated by ``;`` or ``:``."""
+    shapes = []
+    for part in re.split(r"[;:]", text.strip()):
+        part = part.strip().strip("()[]")
+        if not part:
+            continue
+        try:
+            dims = tuple(int(x) for x in part.split(","))
+        except ValueError:
+            raise UsageError(f"bad --input-shape {text!r}: expected integers like 2,3,224,224") from None
+        if not dims or any(d < 1 for d in dims):
+            raise UsageError(f"bad --input-shape {text!r}: every dim must be a positive integer")
+        shapes.append(dims)
+    if not shapes:
+        raise UsageError(f"bad --input-shape {text!r}: expected e.g. 2,3,224,224")
+    return shapes
+
+
+def _random_inputs(shapes: list[tuple[int, ...]], seed: int, *, int_high: int | None = None) -> tuple:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if int_high is not None:
+        return tuple(torch.randint(0, int_high, s, generator=g) for s in shapes)
+    return tuple(torch.randn(s, generator=g) for s in shapes)
+
+
+def _like(example: tuple, shapes: list[tuple[int, ...]], seed: int) -> tuple:
+    """Random inputs of ``shapes`` with the dtypes (and integer ranges) of ``example``."""
+    import torch
+
+    if len(shapes) != len(example):
+        raise UsageError(f"--input-shape gives {len(shapes)} input(s), the model takes {len(example)}")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x, s in zip(example, shapes):
+        if x.is_floating_point():
+            out.append(torch.randn(s, generator=g).to(x.dtype))
+        else:
+            out.append(torch.randint(0, int(x.max()) + 1, s, generator=g).to(x.dtype))
+    return tuple(out)
+
+
+def _load_weights(model: Any, path: str) -> None:
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--weights {path!r} does not exist")
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise BackendUnavailableError("reading .safetensors needs the safetensors package",
+                                          fix="pip install safetensors") from e
+        sd = load_file(str(p))
+    else:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LoadError(f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+                            fix="save a plain state_dict: torch.save(model.state_dict(), path)") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise LoadError(f"{path} does not hold a state_dict (got {type(sd).__name__})")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    res = model.load_state_dict(sd, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        raise LoadError(f"{path} does not match the model: {len(res.missing_keys)} missing keys (e.g. "
+                        f"{res.missing_keys[:2]}), {len(res.unexpected_keys)} unexpected (e.g. "
+                        f"{res.unexpected_keys[:2]})", fix="pass weights saved from this architecture")
+
+
+def resolve_model(spec: str, *, size: str = "full", input_shape: str | None = None, seed: int = 0,
+                  hf_config: Sequence[str] = ()) -> tuple[Any, tuple, str]:
+    """``(model in eval mode, example inputs, label)`` for a MODEL argument (see the module doc)."""
+    import torch
+
+    from . import models
+
+    shapes = parse_shape(input_shape) if input_shape else None
+    torch.manual_seed(seed)
+    if spec in models.names():
+        batch = shapes[0][0] if shapes else 2
+        try:
+            model, inputs = models.get(spec, size=size, seed=seed, batch=batch)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if shapes:
+            inputs = _like(inputs, shapes, seed)
+        return model.eval(), tuple(inputs), f"{spec} ({size})"
+    kind, _, name = spec.partition(":")
+    if kind == "torchvision" and name:
+        try:
+            import torchvision
+        except ImportError as e:
+            raise BackendUnavailableError("torchvision is not installed", fix="pip install 'fxprune[zoo]'") from e
+        valid = torchvision.models.list_models()
+        if name not in valid:
+            raise UsageError(f"unknown torchvision model {name!r}{_close(name, valid)}")
+        model = torchvision.models.get_model(name, weights=None)
+        return model.eval(), _random_inputs(shapes or [(2, 3, 224, 224)], seed), spec
+    if kind == "timm" and name:
+        try:
+            import timm
+        except ImportError as e:
+            raise BackendUnavailableError("timm is not installed", fix="pip install 'fxprune[zoo]'") from e
+        if not timm.is_model(name):
+            raise UsageError(f"unknown timm model {name!r}{_close(name, timm.list_models())}")
+        model = timm.create_model(name, pretrained=False)
+        if shapes is None:
+            size_ = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+            shapes = [(2, *size_)]
+        return model.eval(), _random_inputs(shapes, seed), spec
+    if kind == "hf" and name:
+        return _hf_model(name, shapes, seed, hf_config)
+    if ".py:" in spec or spec.endswith(".py"):
+        return _file_model(spec, shapes, seed)
+    raise UsageError(f"unknown model {spec!r}: use a reference model ({', '.join(models.names())}), "
+                     f"torchvision:NAME, timm:NAME, hf:NAME or path/to/file.py:factory")
+
+
+def _close(name: str, valid: Sequence[str]) -> str:
+    import difflib
+
+    m = difflib.get_close_matches(name, list(valid), n=3)
+    return f" (did you mean {', '.join(m)}?)" if m else ""
+
+
+def _coerce(v: str) -> Any:
+    for f in (int, float):
+        try:
+            return f(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None, "null": None}.get(v.lower(), v)
+
+
+def _hf_model(name: str, shapes: list | None, seed: int, overrides: Sequence[str]) -> tuple[Any, tuple, str]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise BackendUnavailableError("transformers is not installed", fix="pip install 'fxprune[zoo]'") from e
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if name in CONFIG_MAPPING:
+        cfg = AutoConfig.for_model(name)
+        for k, v in _HF_SMALL.items():
+            if hasattr(cfg, k) and not isinstance(getattr(cfg, k), (list, dict)):
+                setattr(cfg, k, v)
+        if hasattr(cfg, "head_dim") and getattr(cfg, "head_dim", None):
+            heads = getattr(cfg, "num_attention_heads", None)
+            hidden = getattr(cfg, "hidden_size", None)
+            if heads and hidden:
+                cfg.head_dim = hidden // heads
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(name)
+        except Exception:
+            raise UsageError(f"unknown transformers model type {name!r}{_close(name, list(CONFIG_MAPPING))} (a "
+                             f"model type such as llama, gpt2, bert, or a local config folder)") from None
+    for item in overrides:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"--hf-config expects KEY=VALUE, got {item!r}")
+        setattr(cfg, k.strip(), _coerce(v.strip()))
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    import torch
+
+    torch.manual_seed(seed)
+    model = None
+    errors = []
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        try:
+            model = getattr(transformers, auto).from_config(cfg)
+            break
+        except (ValueError, KeyError) as e:
+            errors.append(f"{auto}: {str(e).splitlines()[0]}")
+    if model is None:
+        raise UsageError(f"transformers cannot build a model for {name!r}: {'; '.join(errors)}")
+    shape = shapes or [(2, 16)]
+    vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
+    return model.eval(), _random_inputs(shape[:1], seed, int_high=vocab), f"hf:{name} ({type(model).__name__})"
+
+
+def _file_model(spec: str, shapes: list | None, seed: int) -> tuple[Any, tuple, str]:
+    import torch
+    import torch.nn as nn
+
+    path, _, factory = spec.rpartition(":") if not spec.endswith(".py") else (spec, ":", "")
+    if not factory:
+        raise UsageError(f"{spec!r}: name the factory function, e.g. {spec}:build")
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"model file {path!r} does not exist")
+    mod_name = f"_fxprune_user_{re.sub(r'[^0-9a-zA-Z_]', '_', p.stem)}"
+    loaded = importlib.util.spec_from_file_location(mod_name, p)
+    module = importlib.util.module_from_spec(loaded)
+    sys.modules[mod_name] = module  # dataclasses and pickling need the module registered
+    sys.path.insert(0, str(p.resolve().parent))
+    try:
+        loaded.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, factory, None)
+    if fn is None or not callable(fn):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise UsageError(f"{path} has no callable {factory!r}; it defines {', '.join(names[:12])}")
+    torch.manual_seed(seed)
+    res = fn()
+    inputs = None
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], nn.Module):
+        res, inputs = res
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not isinstance(res, nn.Module):
+        raise UsageError(f"{spec} returned {type(res).__name__}; a factory returns an nn.Module or "
+                         f"(module, example_inputs)")
+    if shapes:
+        inputs = _like(inputs, shapes, seed) if inputs else _random_inputs(shapes, seed)
+    if inputs is None:
+        raise UsageError(f"{spec} returned no example inputs: pass --input-shape")
+    return res.eval(), inputs, f"{p.name}:{factory} ({type(res).__name__})"
+
+
+# ============================================================================================ the pipeline
+@contextlib.contextmanager
+def _quiet_libraries(args: argparse.Namespace) -> Iterator[None]:
+    """Keep library chatter (warnings, torch logs, partial graphs printed on export errors) off the terminal:
+    dropped, unless --debug (then stray stdout goes to stderr, so that stdout stays ours). Progress objects
+    hold the real stderr, taken before this redirect."""
+    if getattr(args, "debug", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    levels = {n: logging.getLogger(n).level for n in ("torch", "onnxscript", "onnx_ir", "transformers")}
+    for n in levels:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    sink = open(os.devnull, "w")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sink.close()
+        for n, lv in levels.items():
+            logging.getLogger(n).setLevel(lv)
+
+
+def _pipeline_text(passes: Sequence[Any]) -> str:
+    """``ChannelPrune(ratio=0.5) -> Shrink()``: each pass with the options that differ from the defaults."""
+    from .recipe import dump_recipe, pass_options
+
+    parts = []
+    for p, entry in zip(passes, dump_recipe(passes)):
+        defaults = {n: o.default for n, o in pass_options(type(p)).items()}
+        opts = [f"{k}={v!r}" for k, v in entry.items() if k != "pass" and not (
+            k in defaults and (defaults[k] == v or (isinstance(defaults[k], tuple) and list(defaults[k]) == v)))]
+        parts.append(f"{type(p).__name__}({', '.join(opts)})")
+    return " -> ".join(parts)
+
+
+def run_pipeline(args: argparse.Namespace, model: Any, inputs: tuple, passes: list, label: str,
+                 progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """compile -> (ONNX dense + pruned -> onnxruntime latency) -> save to args.out. Returns (compiled, result)."""
+    from . import compile as fx_compile
+    from . import serialize
+    from .recipe import dump_recipe
+
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    recipe = dump_recipe(passes)
+    progress.step(f"compiling {label}: {_pipeline_text(passes)}")
+    out = fx_compile(model, inputs, passes=passes, seed=args.seed)
+    r = out.report
+    v = {None: "not run", True: "yes", False: "NO"}[r.verified]
+    progress.info(f"params {r.params_before:,} -> {r.params_after:,}, MACs x{r.macs_ratio:.3f}, verified: {v}")
+    files: dict[str, str] = {}
+    extra: dict[str, Any] = {"source": label, "files": files}
+    notes: list[str] = []
+    bench = None
+    if not args.no_onnx:
+        progress.step("exporting dense and pruned models to ONNX (checked against torch in onnxruntime)")
+        try:
+            from fxprune.backends import onnx as onnx_backend
+
+            example = serialize._example(out)
+            dres = onnx_backend.export(model, example, outdir / "dense.onnx", dynamic_batch=True,
+                                       simplify=not args.no_simplify)
+            pres = onnx_backend.export(out, example, outdir / "pruned.onnx", dynamic_batch=True,
+                                       simplify=not args.no_simplify)
+            files["dense.onnx"] = "the unpruned model in ONNX"
+            files["pruned.onnx"] = "the pruned model in ONNX"
+            extra["onnx"] = {"dense": _export_info(dres), "pruned": _export_info(pres)}
+            progress.info(f"pruned.onnx: {'dynamic' if pres.dynamic_batch else 'static'} batch, "
+                          f"{'simplified' if pres.simplified else 'not simplified'}, exporter {pres.exporter}")
+            if not args.no_latency:
+                batch = args.batch if (args.batch and pres.dynamic_batch and dres.dynamic_batch) else None
+                b = batch or serialize._batch_size(example)
+                progress.step(f"timing dense vs pruned in onnxruntime (batch {b}, {args.threads} threads, "
+                              f"{args.repeats} interleaved rounds)")
+                from fxprune.backends import onnxruntime as ort
+
+                x = serialize._batched(example, batch)
+                c = ort.compare(outdir / "dense.onnx", outdir / "pruned.onnx", x, warmup=args.warmup,
+                                repeats=args.repeats, threads=args.threads)
+                bench = {"backend": "onnxruntime", "batch": b, "threads": args.threads,
+                         "dense_ms": c["dense"].median_ms, "pruned_ms": c["pruned"].median_ms,
+                         "speedup": c["speedup"], "ideal_speedup": 1 / r.macs_ratio if r.macs_ratio else None,
+                         "dense": c["dense"].as_dict(), "pruned": c["pruned"].as_dict()}
+        except BackendUnavailableError as e:
+            notes.append(f"ONNX skipped: {str(e).splitlines()[0]}")
+            progress.warn(notes[-1] + "; timing eager torch instead")
+            if not args.no_latency:
+                bench = serialize.benchmark(out, backend="torch", dense=model, threads=args.threads,
+                                            repeats=args.repeats, warmup=args.warmup, record=False)
+    elif not args.no_latency:
+        progress.step("timing dense vs pruned in eager torch")
+        bench = serialize.benchmark(out, backend="torch", dense=model, threads=args.threads, repeats=args.repeats,
+                                    warmup=args.warmup, record=False)
+    if bench is not None:
+        r.latency[f"{bench['backend']} (batch {bench['batch']}, {bench['threads']} threads)"] = \
+            serialize.latency_line(bench)
+        extra["benchmark"] = bench
+    if notes:
+        extra["notes"] = notes
+    progress.step(f"saving program, weights, recipe, report and plot to {outdir}/")
+    files.update({
+        "program.pt2": "the pruned program (torch.export; fxprune.load)",
+        "weights.pt": "pruned weights by parameter name (fxprune.replay)",
+        "keep.json": "kept original indices per resized parameter",
+        "recipe.yaml": "the pass pipeline", "report.json": "the report (machine-readable)",
+        "report.md": "the report (Markdown)", "report.png": "channels per group and per-layer sparsity",
+        "manifest.json": "format, versions, model class, conv groups", "history.json": "every pass, options, stats",
+        "inputs.pt": "example inputs", "outputs.pt": "the pruned module's outputs on them",
+    })
+    serialize.save(out, outdir, recipe=recipe, extra=extra)
+    if not (outdir / "report.png").exists():
+        files.pop("report.png", None)
+    return out, {"report": serialize.read_report(outdir), "out": str(outdir)}
+
+
+def _export_info(res: Any) -> dict[str, Any]:
+    return {"path": str(res.path), "exporter": res.exporter, "opset": res.opset, "dynamic_batch": res.dynamic_batch,
+            "simplified": res.simplified, "max_abs_diff": res.max_abs_diff, "notes": list(res.notes)}
+
+
+def _print_result(args: argparse.Namespace, out: Any, result: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(result["report"], indent=1, default=str))
+        return
+    print(out.report.summary())
+    print(out.report.table(max_rows=args.rows))
+    files = sorted(p.name for p in Path(result["out"]).iterdir() if p.is_file())
+    print(f"\nfiles written to {result['out']}/: {', '.join(files)}")
+
+
+# ============================================================================================ commands
+def _progress(args: argparse.Namespace, total: int) -> Progress:
+    return Progress(total=total, quiet=args.quiet, json=args.json, stream=sys.stderr)
+
+
+def _steps(args: argparse.Namespace) -> int:
+    """build, compile, [ONNX], [latency], save."""
+    return 3 + (0 if args.no_onnx else 1) + (0 if args.no_latency else 1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import compile as fx_compile
     from . import models
     from .passes import ChannelPrune, Shrink
     from .testing import make_observable
 
     if args.model not in models.names():
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(models.names())}")
-    torch.manual_seed(args.seed)
-    _log(args, f"[1/3] building reference model {args.model} ({args.size})")
-    model, inputs = models.get(args.model, size=args.size, seed=args.seed)
-    make_observable(model, seed=args.seed)  # random init: make every channel visible to the verification
-    _log(args, f"[2/3] compiling: ChannelPrune(ratio={args.ratio}) -> Shrink (verified)")
-    out = fx_compile(model, inputs, passes=[ChannelPrune(ratio=args.ratio), Shrink()], seed=args.seed)
-    _log(args, "[3/3] measuring eager latency, dense vs pruned")
-    latency = _eager_latency(model, out.module, inputs)
-    out.report.latency.update(latency)
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "report.json").write_text(out.report.to_json(indent=1))
-    (outdir / "report.txt").write_text(str(out.report) + "\n")
-    if args.json:
-        print(out.report.to_json(indent=1))
-    else:
-        print(str(out.report))
-        print(f"\nfiles written to {outdir}/ (report.json, report.txt)")
+    if not 0.0 <= args.ratio < 1.0:
+        raise UsageError(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.batch is None:
+        args.batch = 8  # latency at batch 8 (the program is traced at batch 2 with a dynamic batch)
+    progress = _progress(args, _steps(args))
+    with _quiet_libraries(args):
+        progress.step(f"building reference model {args.model} ({args.size}), random init, seed {args.seed}")
+        model, inputs, label = resolve_model(args.model, size=args.size, seed=args.seed)
+        make_observable(model, seed=args.seed)  # random init: make every channel visible to the verification
+        passes = [ChannelPrune(ratio=args.ratio), Shrink()]
+        out, result = run_pipeline(args, model, inputs, passes, label, progress)
+    _print_result(args, out, result)
     return 0 if out.report.verified else 1
 
 
-def _eager_latency(dense: Any, pruned: Any, inputs: tuple, repeats: int = 10) -> dict[str, Any]:
-    """Median eager latency (ms) of dense and pruned, interleaved in one run."""
-    import statistics
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
 
-    import torch
+    passes = load_recipe(args.recipe)  # RecipeError (exit 2) before anything slow
+    if args.input_shape:
+        parse_shape(args.input_shape)  # UsageError (exit 2) before anything slow
+    progress = _progress(args, _steps(args))
+    with _quiet_libraries(args):
+        progress.step(f"building {args.model}")
+        model, inputs, label = resolve_model(args.model, size=args.size, input_shape=args.input_shape,
+                                             seed=args.seed, hf_config=args.hf_config)
+        if args.weights:
+            _load_weights(model, args.weights)
+            progress.info(f"loaded weights from {args.weights}")
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        progress.info(f"{type(model).__name__}, inputs {shapes}")
+        if inputs and getattr(inputs[0], "dim", lambda: 0)() >= 1 and inputs[0].shape[0] == 1:
+            progress.warn("batch 1: torch.export specialises it, so the pruned program and its ONNX file accept "
+                          "only batch 1 (use a batch >= 2 in --input-shape for a dynamic batch)")
+        out, result = run_pipeline(args, model, inputs, passes, label, progress)
+    _print_result(args, out, result)
+    return 0 if out.report.verified in (True, None) else 1
 
-    times: dict[str, list[float]] = {"dense": [], "pruned": []}
-    with torch.no_grad():
-        for m in (dense, pruned):
-            m(*inputs)  # warm-up
-        for _ in range(repeats):
-            for name, m in (("dense", dense), ("pruned", pruned)):
-                t = time.perf_counter()
-                m(*inputs)
-                times[name].append((time.perf_counter() - t) * 1e3)
-    d, p = statistics.median(times["dense"]), statistics.median(times["pruned"])
-    return {"eager_dense_ms": round(d, 3), "eager_pruned_ms": round(p, 3), "eager_speedup": round(d / p, 3)}
+
+def _option_docs(cls: type) -> dict[str, str]:
+    """For each option of a pass: the docstring sentence that describes it (``name``: ... preferred)."""
+    from .recipe import pass_options
+
+    doc = inspect.getdoc(cls) or ""
+    init_doc = inspect.getdoc(cls.__init__) if cls.__init__ is not object.__init__ else ""
+    if init_doc and not init_doc.startswith("Initialize self"):
+        doc += "\n" + init_doc
+    sentences = re.split(r"(?<=[.;])\s+|\n\s*\n|\n(?=\s*[*-] )", doc)
+    sentences = [" ".join(x.split()) for x in sentences if x.strip()]
+    out = {}
+    for name in pass_options(cls):
+        mark = f"``{name}``"
+        hits = [x for x in sentences if mark in x]
+        if not hits:
+            continue
+        best = next((x for x in hits if x.lstrip("*- ").startswith(mark)), None) or \
+            next((x for x in hits if f"{mark}:" in x), hits[0])
+        text = best.lstrip("*- ").replace("``", "")
+        if text.startswith(f"{name}:"):
+            text = text[len(name) + 1:].strip()
+        out[name] = text if len(text) <= 200 else text[:197] + "..."
+    return out
+
+
+def _pass_rows(only: str | None = None) -> list[dict[str, Any]]:
+    from .recipe import pass_options, registry
+
+    reg = registry()
+    if only is not None and only not in reg:
+        raise UsageError(f"unknown pass {only!r}{_close(only, list(reg))}; registered: {', '.join(sorted(reg))}")
+    rows = []
+    for name, cls in sorted(reg.items()):
+        if only is not None and name != only:
+            continue
+        docs = _option_docs(cls)
+        opts = []
+        for pname, p in pass_options(cls).items():
+            required = p.default is inspect.Parameter.empty
+            default = None if required else p.default
+            opts.append({"name": pname, "required": required,
+                         "default": default if isinstance(default, (int, float, str, bool, type(None)))
+                         else (list(default) if isinstance(default, tuple) else repr(default)),
+                         "annotation": None if p.annotation is inspect.Parameter.empty else str(p.annotation),
+                         "doc": docs.get(pname, "")})
+        full = inspect.getdoc(cls) or ""
+        rows.append({"name": name, "class": cls.__name__, "module": cls.__module__,
+                     "doc": full.split("\n\n")[0].replace("\n", " "), "full_doc": full,
+                     "requires": sorted(getattr(cls, "requires", ())),
+                     "modifies_weights": bool(cls.modifies_weights), "changes_graph": bool(cls.changes_graph),
+                     "options": opts})
+    return rows
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    import fxprune.passes  # noqa: F401 - registers the built-in passes
-
-    from .pass_manager import PASS_REGISTRY
-
-    rows = []
-    for name, cls in sorted(PASS_REGISTRY.items()):
-        sig = inspect.signature(cls.__init__)
-        opts = {p.name: (None if p.default is inspect.Parameter.empty else repr(p.default))
-                for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
-        rows.append({"name": name, "class": cls.__name__, "options": opts, "doc": doc})
+    with _quiet_libraries(args):
+        rows = _pass_rows(args.name)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))
         return 0
     for r in rows:
-        opts = ", ".join(k if v is None else f"{k}={v}" for k, v in r["options"].items())
-        print(f"{r['name']:<22} {r['class']}({opts})\n{'':<22} {r['doc']}")
+        print(f"{r['name']}  ({r['class']}, {r['module']})")
+        print(f"    {r['doc']}" if not args.name else "\n".join("    " + ln for ln in r["full_doc"].splitlines()))
+        for o in r["options"]:
+            dflt = "required" if o["required"] else f"default {o['default']!r}"
+            print(f"    - {o['name']} ({dflt})" + (f": {o['doc']}" if o["doc"] else ""))
+        print()
+    print("use a pass in a recipe as:  - pass: NAME\n                               OPTION: VALUE   (docs/cli.md)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path = Path(args.dir) / "report.json"
-    if not path.exists():
-        raise FxPruneError(f"no report.json in {args.dir}", fix="pass the output folder of `fxprune demo/compile`")
-    data = json.loads(path.read_text())
+    from .serialize import read_report, report_from_dict
+
+    data = read_report(args.dir)
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
-    from .report import GroupRow, Report
+    rep = report_from_dict(data)
+    print(rep.summary())
+    print(rep.table(max_rows=args.rows))
+    if data.get("recipe"):
+        from .recipe import recipe_to_yaml
 
-    fields = {k: v for k, v in data.items() if k in Report.__dataclass_fields__}
-    fields["groups"] = [GroupRow(**{k: v for k, v in g.items() if k in GroupRow.__dataclass_fields__})
-                        for g in data.get("groups", [])]
-    print(str(Report(**fields)))
+        print("\nrecipe:\n" + "\n".join("  " + ln for ln in recipe_to_yaml(data["recipe"]).splitlines()))
     return 0
 
 
+# ============================================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fxprune", description="A compiler for pruning neural networks.")
-    ap.add_argument("--debug", action="store_true", help="show Python tracebacks on failure")
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="prune a reference model 50%%, shrink, verify, print a before/after table")
-    d.add_argument("--model", default="resnet56")
-    d.add_argument("--size", default="full", choices=["tiny", "full"])
-    d.add_argument("--ratio", type=float, default=0.5)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="fxprune-out")
-    d.add_argument("--json", action="store_true")
-    d.add_argument("--quiet", action="store_true")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable: JSON on stdout, JSON-lines progress")
+    common.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show Python tracebacks and library warnings")
+    work = argparse.ArgumentParser(add_help=False)
+    work.add_argument("--out", default="fxprune-out", help="output folder (default ./fxprune-out)")
+    work.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    work.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (latency then in eager torch)")
+    work.add_argument("--no-simplify", action="store_true", help="do not run onnxsim on the exported files")
+    work.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    work.add_argument("--batch", type=int, default=None,
+                      help="batch size for latency (default: demo 8, compile the example's)")
+    work.add_argument("--threads", type=int, default=2, help="onnxruntime/torch threads for latency (default 2)")
+    work.add_argument("--repeats", type=int, default=20, help="timed rounds per model (default 20)")
+    work.add_argument("--warmup", type=int, default=3, help="untimed rounds per model (default 3)")
+    work.add_argument("--rows", type=int, default=60, help="group rows printed (default 60)")
+
+    ap = argparse.ArgumentParser(prog="fxprune", description="A compiler for pruning neural networks.",
+                                 epilog="exit codes: 0 ok, 2 bad usage, 1 failure. Docs: docs/cli.md")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks and library warnings")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,compile,report,passes}")
+
+    d = sub.add_parser("demo", parents=[common, work],
+                       help="prune a reference model 50%%, shrink, verify, export to ONNX, time it, report",
+                       description="Reference model -> ChannelPrune(ratio) -> Shrink (verified) -> ONNX (dense and "
+                                   "pruned) -> onnxruntime latency -> report, plot and saved program in --out.")
+    d.add_argument("--model", default=DEMO_MODEL, help=f"reference model (default {DEMO_MODEL})")
+    d.add_argument("--size", default="full", choices=["tiny", "full"], help="model size (default full)")
+    d.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed (default 0.5)")
     d.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("passes", help="list registered passes and their options")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_passes)
-    r = sub.add_parser("report", help="re-print a saved report")
+
+    c = sub.add_parser("compile", parents=[common, work], help="prune MODEL with a recipe; write program, ONNX, report",
+                       description="MODEL: reference name, torchvision:NAME, timm:NAME, hf:NAME or file.py:factory.")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--recipe", required=True, help="YAML recipe (see docs/cli.md)")
+    c.add_argument("--input-shape", default=None,
+                   help="example input shape, e.g. 2,3,224,224 (hf: batch,seq); several inputs: 2,3,32,32;2,4")
+    c.add_argument("--weights", default=None, help="state_dict to load (.pt/.pth via weights_only, .safetensors)")
+    c.add_argument("--size", default="full", choices=["tiny", "full"], help="reference model size (default full)")
+    c.add_argument("--hf-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a transformers config field (repeatable)")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("report", parents=[common], help="re-print a saved report")
     r.add_argument("dir")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--rows", type=int, default=60, help="group rows printed (default 60)")
     r.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("passes", parents=[common], help="list registered passes and their options")
+    p.add_argument("name", nargs="?", default=None, help="show one pass in full")
+    p.set_defaults(fn=cmd_passes)
     return ap
+
+
+def _fail(args: Any, code: int, kind: str, message: str) -> int:
+    line = message.strip().splitlines()[0] if message.strip() else kind
+    fix = ""
+    if "\n  fix: " in message:
+        fix = message.split("\n  fix: ", 1)[1].splitlines()[0]
+    if getattr(args, "json", False):
+        print(json.dumps({"event": "error", "exit_code": code, "type": kind, "message": line, "fix": fix or None}),
+              file=sys.stderr)
+    else:
+        print(f"fxprune: {'error' if code == 2 else kind}: {line}" + (f" (fix: {fix})" if fix else ""),
+              file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)  # argparse exits with code 2 on bad usage
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 on bad usage, 0 for --help
+        return int(e.code or 0)
     try:
         return int(args.fn(args) or 0)
-    except UsageError as e:
-        print(f"fxprune: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # one line, no traceback unless --debug
-        if args.debug:
+    except (UsageError, RecipeError) as e:
+        if getattr(args, "debug", False):
             raise
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"fxprune: {type(e).__name__}: {first}", file=sys.stderr)
+        return _fail(args, 2, type(e).__name__, str(e))
+    except KeyboardInterrupt:
+        return _fail(args, 1, "Interrupted", "interrupted")
+    except BrokenPipeError:  # `fxprune ... | head`: stop quietly
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as e:  # one line, no traceback unless --debug
+        if getattr(args, "debug", False):
+            raise
+        return _fail(args, 1, type(e).__name__, str(e) or type(e).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

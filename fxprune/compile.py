@@ -34,6 +34,24 @@ class Compiled:
     def groups(self) -> GroupSet:
         return self.program.groups
 
+    def save(self, dir: Any, **kw: Any) -> Any:
+        """Write program, weights, recipe and report to ``dir``; see :func:`fxprune.serialize.save`."""
+        from .serialize import save
+
+        return save(self, dir, **kw)
+
+    def benchmark(self, **kw: Any) -> dict:
+        """Dense vs pruned latency; see :func:`fxprune.serialize.benchmark`."""
+        from .serialize import benchmark
+
+        return benchmark(self, **kw)
+
+    def export_onnx(self, path: Any, **kw: Any) -> Any:
+        """Export the pruned module to ONNX; see :func:`fxprune.serialize.export_onnx`."""
+        from .serialize import export_onnx
+
+        return export_onnx(self, path, **kw)
+
 
 def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None) -> GroupSet:
     """Trace ``model`` and return its coupled-channel groups (printable; ``as_dict()``/``to_json()``).

@@ -409,3 +409,12 @@ def _set_mode(module: nn.Module, training: bool) -> None:
     except NotImplementedError:
         for m in module.modules():
             m.training = training
+
+
+def __getattr__(name: str) -> Any:
+    """``fxprune.train.FTWTLoss``: the FTWT self-supervised mask loss lives beside its gates in ``passes/ftwt.py``."""
+    if name == "FTWTLoss":
+        from fxprune.passes.ftwt import FTWTLoss
+
+        return FTWTLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,20 @@
-"""Built-in passes. Every pass is a small class with ``name``, ``requires`` and ``run(program, ctx)``."""
+"""Built-in passes. Every pass is a small class with ``name``, ``requires`` and ``run(program, ctx)``.
+
+Importing this package registers every pass below in ``fxprune.PASS_REGISTRY`` (recipes refer to them by name).
+"""
 from .apply_masks import ApplyMasks
+from .block_sparsity import BlockSparseRewrite, BlockSparsity
 from .bn_absorb import AbsorbBNShift
 from .bn_prune import YOLOV4_QUANTILES, BNScalePrune, GroupChannelPrune
 from .channel_prune import ChannelPrune
+from .ftwt import FTWTGates, FTWTLoss
+from .heads import HeadPrune
+from .macprune import MACPruneGate
+from .nm_sparsity import NMSparsity
+from .pdp import PDP
 from .shrink import Shrink
+from .unstructured import Unstructured
 
 __all__ = ["ChannelPrune", "ApplyMasks", "Shrink", "BNScalePrune", "GroupChannelPrune", "AbsorbBNShift",
-           "YOLOV4_QUANTILES"]
+           "YOLOV4_QUANTILES", "Unstructured", "NMSparsity", "BlockSparsity", "BlockSparseRewrite", "HeadPrune",
+           "PDP", "MACPruneGate", "FTWTGates", "FTWTLoss"]
