@@ -1,132 +1,180 @@
-"""Analyze + prune + shrink time: fxprune vs Torch-Pruning (DependencyGraph + pruner.step), same machine, one run.
+"""Analyze + prune + shrink time: fxprune vs Torch-Pruning (DependencyGraph build + pruner.step), one run, one machine.
 
-Models: torchvision ResNet-50 and ViT-B/16 (224x224, batch 1) and our ~1.2B-parameter LLaMA-style decoder
-(``fxprune.models`` "llama" full: hidden 2048, 16 layers, 32 q / 8 kv heads, SwiGLU 8192, vocab 32000; 16 tokens).
-Each (model, library) runs in a fresh subprocess (so one library's caches and memory don't help the other).
-fxprune is timed in phases: trace, analyze, select (ChannelPrune), shrink (incl. verification) — and end to end
-without verification for a like-for-like comparison (Torch-Pruning does not verify).
+Models (random init, ``make_observable`` applied, batch 1):
+  resnet50   torchvision ResNet-50, 1x3x224x224
+  vit_b_16   torchvision ViT-B/16, 1x3x224x224
+  llama1b    HF LlamaForCausalLM from LlamaConfig(hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192,
+             vocab 32000, use_cache=False), input_ids 1x16  (~1.24B parameters)
+  llama1b_fx the same shape as fxprune's own reference LLaMA (``fxprune.models.get("llama", "full")``), which
+             Torch-Pruning can trace (it hangs in get_all_groups on transformers' Llama; see README)
 
-    python benchmarks/analysis_speed.py [--models resnet50,vit_b_16,llama1b] [--timeout 900]
-Writes results/analysis_speed.json.
+Every (model, measurement) runs in a fresh subprocess (caches and memory of one do not help the other):
+  fx-e2e    ``fxprune.compile(m, x, [ChannelPrune(0.5), Shrink(verify=False)], count_flops=False)`` -- like for like
+            with Torch-Pruning, which neither verifies nor counts FLOPs
+  fx-phases trace / analyze (Program.groups) / select (ChannelPrune) / shrink (Shrink(verify=False)) / verify
+            (fxprune.verify.verify of the shrunk against the masked module), each timed separately
+  tp        Torch-Pruning's recipe of benchmarks/_common.tp_prune: BasePruner(GroupMagnitudeImportance(p=2),
+            pruning_ratio=0.5, head ignored, num_heads for attention): graph_s = constructor (DependencyGraph build +
+            group enumeration), step_s = pruner.step()
+Ratio = fx-e2e total / tp total (goal <= 0.5). Threads: --threads (default 2, the machine's cores) for both.
+
+    python benchmarks/analysis_speed.py [--models resnet50,vit_b_16,llama1b,llama1b_fx] [--timeout 600]
+Writes results/analysis_speed.json (rows are merged by model, so models can be run one at a time).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+OUT = C.RESULTS / "analysis_speed.json"
+MODELS = ["resnet50", "vit_b_16", "llama1b", "llama1b_fx"]
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, vocab_size=32000, use_cache=False)
 
 
 def build(name: str):
+    """(model, args, kwargs, num_classes)"""
     import torch
 
-    if name in ("resnet50", "vit_b_16"):
-        import torchvision
+    from fxprune.testing import make_observable
 
-        m = torchvision.models.get_model(name, weights=None).eval()
-        return m, (torch.randn(1, 3, 224, 224),), [m.fc if name == "resnet50" else m.heads.head]
-    if name == "llama1b":
+    torch.manual_seed(0)
+    if name in ("resnet50", "vit_b_16"):
+        m, args, kwargs, ncls = C.build_torchvision(name)
+    elif name == "llama1b":
+        import transformers as T
+
+        m = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA_1B)).eval()
+        args, kwargs, ncls = (), {"input_ids": torch.randint(0, 32000, (1, 16))}, None
+    elif name == "llama1b_fx":
         from fxprune import models
 
-        m, x = models.get("llama", size="full", batch=1)
-        return m, x, [m.lm_head]
-    raise ValueError(name)
+        m, args = models.get("llama", size="full", batch=1)
+        kwargs, ncls = {}, None
+    else:
+        raise ValueError(name)
+    make_observable(m, 0)
+    return m.eval(), tuple(args), kwargs, ncls
 
 
-def run_fxprune(name: str) -> dict:
-    import torch
-
+def fx_e2e(name: str) -> dict:
     import fxprune
-    from fxprune.program import Program
+    from fxprune.passes import ChannelPrune, Shrink
+
+    m, args, kwargs, _ = build(name)
+    t = time.perf_counter()
+    out = fxprune.compile(m, args, example_kwargs=kwargs, passes=[ChannelPrune(ratio=0.5), Shrink(verify=False)],
+                          count_flops=False)
+    dt = time.perf_counter() - t
+    r = out.report
+    return {"total_s": dt, "params_before": r.params_before, "params_after": r.params_after,
+            "params_removed": 1 - r.params_after / max(r.params_before, 1)}
+
+
+def fx_phases(name: str) -> dict:
+    from fxprune.masking import apply_channel_masks, apply_weight_masks
     from fxprune.pass_manager import PassContext, PassManager
     from fxprune.passes import ChannelPrune, Shrink
-    from fxprune.trace import trace
+    from fxprune.program import Program
+    from fxprune.trace import normalize_inputs, trace
+    from fxprune.verify import verify
 
-    m, x, _ = build(name)
+    m, args, kwargs, _ = build(name)
+    args, kwargs = normalize_inputs(args, kwargs)
     t0 = time.perf_counter()
-    gm = trace(m, x, {})
+    gm = trace(m, args, kwargs)
     t1 = time.perf_counter()
-    prog = Program(gm, x, {}, source=m)
-    prog.groups  # noqa: B018
+    del m
+    gc.collect()
+    prog = Program(gm, args, kwargs)
+    gs = prog.groups
     t2 = time.perf_counter()
-    pm = PassManager([ChannelPrune(0.5)])
-    prog2, _ = pm.run(prog, PassContext(dense=gm))
+    ctx = PassContext(seed=0, verify=False)
+    sel, _ = PassManager([ChannelPrune(ratio=0.5)]).run(prog, ctx)
     t3 = time.perf_counter()
-    pm = PassManager([Shrink()])
-    prog3, res = pm.run(prog2, PassContext(dense=gm))
+    shr, _ = PassManager([Shrink(verify=False)]).run(sel, ctx)
     t4 = time.perf_counter()
-    verified = res[0][1].stats.get("verified")
-    del prog3, prog2, prog
-    # like-for-like with Torch-Pruning: end to end, no verification, no FLOP counting
+    # the masked module, in place on the selection's graph (no further copy of a 1B model)
+    apply_channel_masks(sel.gm, sel.groups, sel.leaf_keep())
+    apply_weight_masks(sel.gm, sel.weight_masks)
     t5 = time.perf_counter()
-    out = fxprune.compile(m, x, passes=[ChannelPrune(0.5), Shrink(verify=False)], count_flops=False)
+    res = verify(sel.gm, shr.gm, args, kwargs, seed=1, rtol=1e-4)
     t6 = time.perf_counter()
-    return {"lib": "fxprune", "trace_s": t1 - t0, "analyze_s": t2 - t1, "select_s": t3 - t2,
-            "shrink_and_verify_s": t4 - t3, "total_with_verify_s": t4 - t0, "total_s": t6 - t5,
-            "verified": verified, "params_after": out.report.params_after, "params_before": out.report.params_before}
+    return {"trace_s": t1 - t0, "analyze_s": t2 - t1, "select_s": t3 - t2, "shrink_s": t4 - t3,
+            "mask_s": t5 - t4, "verify_s": t6 - t5, "total_no_verify_s": t4 - t0, "total_with_verify_s": t6 - t0,
+            "groups": len(gs), "prunable_groups": len(gs.prunable()), "verified": bool(res.ok),
+            "max_abs_diff": res.max_abs_diff}
 
 
-def run_tp(name: str) -> dict:
-    import torch_pruning as tp
-
-    m, x, heads = build(name)
-    p0 = sum(p.numel() for p in m.parameters())
-    t0 = time.perf_counter()
-    pruner = tp.pruner.MagnitudePruner(m, example_inputs=x[0] if len(x) == 1 else x,
-                                       importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
-                                       ignored_layers=heads)
-    t1 = time.perf_counter()
-    pruner.step()
-    t2 = time.perf_counter()
-    return {"lib": "torch-pruning", "graph_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0,
-            "params_before": p0, "params_after": sum(p.numel() for p in m.parameters())}
+def tp_run(name: str) -> dict:
+    m, args, kwargs, ncls = build(name)
+    p0 = C.count_params(m)
+    info = C.tp_prune(m, args, kwargs, ncls, ratio=0.5)
+    return {"graph_s": info["graph_s"], "step_s": info["step_s"], "total_s": info["tp_seconds"],
+            "params_before": p0, "params_after": C.count_params(m),
+            "params_removed": 1 - C.count_params(m) / max(p0, 1), "tp_options": info["tp_options"]}
 
 
-def worker(name: str, lib: str) -> None:
-    warnings.filterwarnings("ignore")
-    import torch
+KINDS = {"fx-e2e": fx_e2e, "fx-phases": fx_phases, "tp": tp_run}
 
-    torch.set_num_threads(2)
-    row = run_fxprune(name) if lib == "fxprune" else run_tp(name)
-    print("@@ROW@@" + json.dumps(row))
+
+def worker(name: str, kind: str, threads: int) -> None:
+    C.setup_worker(threads)
+    load = os.getloadavg()[0]
+
+    def go() -> dict:
+        row = KINDS[kind](name)
+        row.update(ok=True, loadavg_1m_at_start=load)
+        return row
+    C.main_guard(go, kind)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="resnet50,vit_b_16,llama1b")
-    ap.add_argument("--timeout", type=int, default=900)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--kinds", default="fx-e2e,tp,fx-phases")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per (model, measurement)")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    rows = []
+    old = {r["model"]: r for r in json.loads(OUT.read_text()).get("rows", [])} if OUT.exists() else {}
     for name in a.models.split(","):
-        res = {}
-        for lib in ("fxprune", "torch-pruning"):
-            t = time.perf_counter()
-            try:
-                p = subprocess.run([sys.executable, __file__, "--worker", name, lib], capture_output=True, text=True,
-                                   timeout=a.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                line = next((x for x in p.stdout.splitlines() if x.startswith("@@ROW@@")), None)
-                res[lib] = json.loads(line[7:]) if line else {"lib": lib, "error": (p.stderr.strip().splitlines()
-                                                                                  or ["?"])[-1][:200]}
-            except subprocess.TimeoutExpired:
-                res[lib] = {"lib": lib, "timeout": True, "total_s": a.timeout,
-                            "error": f"did not finish in {a.timeout} s (time is a lower bound)"}
-            res[lib]["wall_s"] = time.perf_counter() - t
-            print(name, lib, json.dumps(res[lib]), flush=True)
-        fx, tpr = res["fxprune"].get("total_s"), res["torch-pruning"].get("total_s")
-        ratio = fx / tpr if fx and tpr else None
-        rows.append({"model": name, **{f"{k}": v for k, v in res.items()}, "ratio_fxprune_over_tp": ratio})
-        print(f"== {name}: fxprune {fx} s, torch-pruning {tpr} s, ratio {ratio}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "analysis_speed.json").write_text(json.dumps({"rows": rows}, indent=1))
+        res: dict = {}
+        for kind in a.kinds.split(","):
+            r = C.spawn(__file__, ["--worker", name, kind, str(a.threads)], a.timeout)
+            if r.get("status") == "timeout":
+                r["note"] = f"did not finish in {a.timeout} s: the time is a lower bound"
+            res[kind] = r
+            print(f"{name:<12}{kind:<10}{json.dumps(r, default=str)[:400]}", flush=True)
+        fx = res.get("fx-e2e", {}).get("total_s")
+        tp_ = res.get("tp", {})
+        tp_total = tp_.get("total_s") or (a.timeout if tp_.get("status") == "timeout" else None)
+        row = {"model": name, **res, "threads": a.threads}
+        if fx and tp_total:
+            row["ratio_fxprune_over_tp"] = fx / tp_total
+            row["ratio_is_upper_bound"] = tp_.get("status") == "timeout"
+            row["goal_met"] = fx / tp_total <= 0.5
+        ph = res.get("fx-phases", {})
+        if ph.get("total_with_verify_s") and tp_total:
+            row["ratio_with_verify"] = ph["total_with_verify_s"] / tp_total
+        old[name] = row
+        print(f"== {name}: fxprune {fx} s, torch-pruning {tp_total} s"
+              f"{' (timeout, lower bound)' if tp_.get('status') == 'timeout' else ''}, "
+              f"ratio {row.get('ratio_fxprune_over_tp')}", flush=True)
+        C.RESULTS.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps({"goal": "fxprune / torch-pruning <= 0.5", "rows": list(old.values())},
+                                  indent=1, default=str))
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

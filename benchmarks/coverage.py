@@ -1,289 +1,280 @@
-"""Model coverage: fxprune vs Torch-Pruning on torchvision, a timm sample and HF transformers, in one run.
+"""Model coverage: fxprune vs Torch-Pruning on torchvision, a timm sample and small HF transformers, in one run.
 
-For every model (random init, made observable with ``fxprune.testing.make_observable``):
-  fxprune: ``compile(model, x, [ChannelPrune(0.5), Shrink()])`` -> traced? verified? params/MACs reduction, time.
-  Torch-Pruning: its standard recipe (MagnitudePruner, GroupMagnitudeImportance(p=2), pruning_ratio=0.5, the final
-  classifier ignored as its docs recommend) -> ran? output shape kept? params/MACs reduction, time. TP has no
-  numerical verification.
-Status: ok (fxprune: verified and >= 10% params removed; TP: ran, output shapes kept, >= 10% removed),
-frozen-too-much (< 10% removed), trace-fail, error, timeout.
+For every model (random init, ``fxprune.testing.make_observable(model, 0)`` for both libraries):
 
-Each model runs in its own subprocess (timeout, isolation from crashes/OOM); rows are appended to
-``results/coverage.jsonl`` (resumable) and the summary goes to ``results/coverage.json``.
+* fxprune: ``fxprune.compile(model, inputs, passes=[ChannelPrune(ratio=0.5), Shrink()])`` -> traced? verified?
+  params / MACs reduction, time, first error line (+ where in fxprune it was raised).
+* Torch-Pruning: its standard recipe (``_common.tp_prune``: BasePruner = MagnitudePruner,
+  GroupMagnitudeImportance(p=2), pruning_ratio=0.5, the classifier head(s) in ignored_layers, num_heads for attention
+  as in TP's examples), then the pruned model runs on the example input and its output shapes must be unchanged.
+  TP has no numerical verification: recorded as "not verified".
 
-    python benchmarks/coverage.py --corpus all --jobs 2
-    python benchmarks/coverage.py --corpus hf --only llama
+MACs of both are counted with torch.utils.flop_counter.FlopCounterMode (fxprune.flops.count_macs).
+
+Status per (model, library):
+  ok               fxprune: verified and >= 10% of the parameters removed;
+                   TP: ran, output shapes unchanged, >= 10% removed
+  frozen-too-much  ran (and verified, for fxprune) but < 10% of the parameters removed
+  trace-fail       fxprune: TraceError; TP: DependencyGraph construction failed
+  error            anything else (incl. "Timeout: ..." after --timeout s and crashed workers)
+
+Inputs: torchvision 1x3x224x224 (299 for inception_v3); timm: the default input size of the pretrained cfg, capped
+at 224 where the model accepts it; HF: small configs (2 layers, hidden 64, 4 heads), input_ids 1x16 / 1x3x64x64.
+
+Each (model, library) runs in its own subprocess with 1 thread and a time limit; rows are appended to
+``results/coverage_rows.jsonl`` as they finish (resumable: done rows are skipped unless --fresh) and the summary
+plus all rows go to ``results/coverage.json``.
+
+    python benchmarks/coverage.py --corpus all --jobs 2              # everything (resumes)
+    python benchmarks/coverage.py --corpus hf --only llama,gpt2      # a few models
+    python benchmarks/coverage.py --summary-only                     # re-print table/failures from the JSONL
+    python benchmarks/coverage.py --corpus torchvision --rerun timeout --timeout 600 --jobs 1
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import re
+import statistics
 import sys
+import threading
 import time
-import traceback
-import warnings
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-JSONL = RESULTS / "coverage.jsonl"
-SUMMARY = RESULTS / "coverage.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
-# --------------------------------------------------------------------------------------------------- model lists
+JSONL = C.RESULTS / "coverage_rows.jsonl"
+SUMMARY = C.RESULTS / "coverage.json"
+TIMM_SAMPLE = C.RESULTS / "timm_sample.json"
+LIBS = ("fxprune", "torch-pruning")
+STATUSES = ("ok", "frozen-too-much", "trace-fail", "error")
+PROTOCOL = "coverage-v2"  # bump when the measurement changes; rows of other protocols are ignored
+HEAVY = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32"}  # > 250M params: run last, one at a time
 
-
-def torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-_SMALL_HINTS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "b0", "s0", "lite0", "18", "_s", "050",
-                "100", "t0", "t8", "a0", "12", "s12", "mini")
+# --------------------------------------------------------------------------------------------------- workers
 
 
-def timm_names(n: int = 110) -> list[str]:
-    """One small variant per timm family (family = module the model is defined in)."""
-    import timm
-
-    by_family: dict[str, list[str]] = {}
-    for name in timm.list_models():
-        try:
-            fam = timm.models.get_pretrained_cfg(name) and timm.models._registry._model_to_module.get(name, name)
-        except Exception:
-            fam = None
-        fam = fam or timm.models._registry._model_to_module.get(name, name.split("_")[0])
-        by_family.setdefault(fam, []).append(name)
-
-    big = ("large", "huge", "giant", "gigantic", "xlarge", "xxlarge", "512", "448", "384", "_l_", "_h_", "_g_", "1k",
-           "deepseek", "gemma", "siglip", "clip", "nasnetalarge")
-
-    def score(name: str) -> tuple:
-        hint = next((i for i, h in enumerate(_SMALL_HINTS) if h in name), len(_SMALL_HINTS))
-        return (sum(b in name for b in big), hint, len(name), name)
-
-    ranked = {fam: sorted(v, key=score) for fam, v in by_family.items()}
-    picks = sorted(v[0] for v in ranked.values())
-    # fill up to n with the second-smallest model of the largest families
-    for fam in sorted(ranked, key=lambda f: -len(ranked[f])):
-        if len(picks) >= n:
-            break
-        if len(ranked[fam]) > 1:
-            picks.append(ranked[fam][1])
-    return sorted(picks)[:n]
-
-
-HF_NAMES = ["llama", "mistral", "qwen2", "gpt2", "opt", "bert", "vit", "swin", "convnext", "mobilevit"]
-
-
-def build(corpus: str, name: str):
-    """(model, args, kwargs, head modules for Torch-Pruning's ignored_layers)."""
-    import torch
-
-    if corpus == "torchvision":
-        import torchvision
-
-        m = torchvision.models.get_model(name, weights=None).eval()
-        return m, (_small_input(m, [96, 299 if "inception" in name else 224]),), {}, _last_linear(m)
-    if corpus == "timm":
-        import timm
-
-        m = timm.create_model(name, pretrained=False).eval()
-        native = tuple(m.pretrained_cfg.get("input_size", (3, 224, 224)))
-        return m, (_small_input(m, [96, native[1]], channels=native[0]),), {}, _last_linear(m)
-    if corpus == "hf":
-        import transformers as T
-
-        small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
-        ids = torch.randint(0, 128, (2, 8))
-        img = torch.randn(2, 3, 64, 64)
-        cfgs = {
-            "llama": (T.LlamaConfig(vocab_size=128, num_key_value_heads=2, use_cache=False, **small),
-                      T.AutoModelForCausalLM, {"input_ids": ids}),
-            "mistral": (T.MistralConfig(vocab_size=128, num_key_value_heads=2, use_cache=False, **small),
-                        T.AutoModelForCausalLM, {"input_ids": ids}),
-            "qwen2": (T.Qwen2Config(vocab_size=128, num_key_value_heads=2, use_cache=False, **small),
-                      T.AutoModelForCausalLM, {"input_ids": ids}),
-            "gpt2": (T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, use_cache=False),
-                     T.AutoModelForCausalLM, {"input_ids": ids}),
-            "opt": (T.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                ffn_dim=128, word_embed_proj_dim=64, use_cache=False), T.AutoModelForCausalLM,
-                    {"input_ids": ids}),
-            "bert": (T.BertConfig(vocab_size=128, **small), T.AutoModel, {"input_ids": ids}),
-            "vit": (T.ViTConfig(image_size=64, patch_size=16, **small), T.AutoModel, {"pixel_values": img}),
-            "swin": (T.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
-                                  window_size=4), T.AutoModel, {"pixel_values": img}),
-            "convnext": (T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2), T.AutoModel,
-                         {"pixel_values": img}),
-            "mobilevit": (T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
-                                            neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160]), T.AutoModel,
-                          {"pixel_values": img}),
-        }
-        cfg, auto, kw = cfgs[name]
-        m = auto.from_config(cfg).eval()
-        heads = [mod for n, mod in m.named_modules() if n.endswith("lm_head")]
-        return m, (), kw, heads
-    raise ValueError(corpus)
-
-
-def _small_input(m, sizes: list[int], channels: int = 3):
-    """The smallest of ``sizes`` that the model accepts (a smaller image keeps the sweep affordable on CPU)."""
-    import torch
-
-    for size in sizes[:-1]:
-        x = torch.randn(2, channels, size, size)
-        try:
-            with torch.no_grad():
-                m(x)
-            return x
-        except Exception:
-            continue
-    return torch.randn(2, channels, sizes[-1], sizes[-1])
-
-
-def _last_linear(m):
-    import torch.nn as nn
-
-    last = None
-    for mod in m.modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            last = mod
-    return [last] if last is not None else []
-
-
-# --------------------------------------------------------------------------------------------------- one model
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:240] if s else ''}"
-
-
-def _leaves(out):
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+def _frozen_summary(report) -> dict:
+    reasons = Counter()
+    for g in report.groups:
+        if g.frozen:
+            why = re.sub(r"^\S+ \(", "(", g.frozen)  # drop the node name: "mean_3 (aten.mean.dim): ..."
+            reasons[why[:110]] += 1
+    prunable = sum(1 for g in report.groups if g.frozen is None and g.before > 1)
+    return {"groups": len(report.groups), "prunable_groups": prunable, "frozen_groups": sum(reasons.values()),
+            "frozen_reasons": dict(reasons.most_common(6)),
+            "frozen_by": [f"{f['node']} ({f['op']}): {f['reason']}"[:200] for f in report.frozen_by[:8]]}
 
 
 def run_fxprune(corpus: str, name: str) -> dict:
     import torch
 
     import fxprune
-    from fxprune.errors import TraceError
-    from fxprune.flops import count_params
+    from fxprune.errors import FxPruneError, TraceError
     from fxprune.passes import ChannelPrune, Shrink
     from fxprune.testing import make_observable
 
     torch.manual_seed(0)
-    m, args, kwargs, _ = build(corpus, name)
+    m, args, kwargs, _ = C.build(corpus, name)
     make_observable(m, 0)
+    row: dict = {"lib": "fxprune", "inputs": {k: list(v.shape) for k, v in
+                                              {**dict(enumerate(args)), **kwargs}.items() if hasattr(v, "shape")}}
     t = time.perf_counter()
-    row = {"lib": "fxprune"}
     try:
-        out = fxprune.compile(m, args, example_kwargs=kwargs, passes=[ChannelPrune(0.5), Shrink()])
+        out = fxprune.compile(m, args, example_kwargs=kwargs, passes=[ChannelPrune(ratio=0.5), Shrink()])
     except TraceError as e:
-        return {**row, "status": "trace-fail", "error": _first_line(e), "seconds": time.perf_counter() - t}
-    except Exception as e:
-        return {**row, "status": "error", "error": _first_line(e), "seconds": time.perf_counter() - t}
+        return {**row, "status": "trace-fail", "traced": False, "error": C.first_line(e), "where": C.where(e),
+                **C.graph_context(e), "seconds": time.perf_counter() - t}
+    except Exception as e:  # noqa: BLE001
+        w = C.where(e)
+        return {**row, "status": "error", "traced": not w.startswith("fxprune/trace.py"), "error": C.first_line(e),
+                "where": w, "fxprune_error": isinstance(e, FxPruneError), **C.graph_context(e),
+                "seconds": time.perf_counter() - t}
     r = out.report
     removed = 1 - r.params_after / max(r.params_before, 1)
-    status = "ok" if (r.verified and removed >= 0.10) else ("frozen-too-much" if r.verified else "error")
-    return {**row, "status": status, "verified": r.verified, "observable": r.observable,
+    if r.verified is True or (r.verified is None and removed < 0.10):  # None: Shrink had nothing to remove
+        status, err = ("ok" if removed >= 0.10 else "frozen-too-much"), None
+    else:
+        status, err = "error", f"NotVerified: report.verified={r.verified}"
+    return {**row, "status": status, "traced": True, "verified": r.verified, "observable": r.observable,
             "max_abs_diff": r.max_abs_diff, "params_before": r.params_before, "params_after": r.params_after,
             "macs_before": r.macs_before, "macs_after": r.macs_after, "params_removed": removed,
-            "unknown_ops": sorted(r.unknown_ops), "dynamic_batch": r.dynamic_batch,
-            "seconds": time.perf_counter() - t}
+            "macs_removed": 1 - r.macs_after / max(r.macs_before, 1), "dynamic_batch": r.dynamic_batch,
+            "unknown_ops": {k: len(v) for k, v in r.unknown_ops.items()}, **_frozen_summary(r),
+            "seconds": time.perf_counter() - t, **({"error": err} if err else {})}
 
 
 def run_torch_pruning(corpus: str, name: str) -> dict:
     import torch
-    import torch_pruning as tp
 
-    from fxprune.flops import count_macs, count_params
     from fxprune.testing import make_observable
 
     torch.manual_seed(0)
-    m, args, kwargs, heads = build(corpus, name)
+    m, args, kwargs, ncls = C.build(corpus, name)
     make_observable(m, 0)
-    row = {"lib": "torch-pruning"}
+    row: dict = {"lib": "torch-pruning", "verified": "not verified"}
     with torch.no_grad():
-        ref = [x.shape for x in _leaves(m(*args, **kwargs))]
-    p0, c0 = count_params(m), count_macs(m, args, kwargs)
+        ref = [list(x.shape) for x in C.leaves(m(*args, **kwargs))]
+    p0, c0 = C.count_params(m), C.count_macs(m, args, kwargs)
     t = time.perf_counter()
     try:
-        example = args if not kwargs else kwargs
-        pruner = tp.pruner.MagnitudePruner(m, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                           pruning_ratio=0.5, ignored_layers=heads)
-        pruner.step()
-    except Exception as e:
-        return {**row, "status": "error", "error": _first_line(e), "seconds": time.perf_counter() - t}
+        info = C.tp_prune(m, args, kwargs, ncls, ratio=0.5)
+    except Exception as e:  # noqa: BLE001
+        phase = getattr(e, "tp_phase", "step")
+        return {**row, "status": "trace-fail" if phase == "graph" else "error", "traced": phase != "graph",
+                "error": C.first_line(e), "where": C.where(e), "seconds": time.perf_counter() - t}
     dt = time.perf_counter() - t
+    row.update(traced=True, **info)
     try:
         with torch.no_grad():
-            got = [x.shape for x in _leaves(m(*args, **kwargs))]
-    except Exception as e:
-        return {**row, "status": "error", "error": "pruned model fails to run: " + _first_line(e), "seconds": dt}
-    p1, c1 = count_params(m), count_macs(m, args, kwargs)
+            got = [list(x.shape) for x in C.leaves(m(*args, **kwargs))]
+    except Exception as e:  # noqa: BLE001
+        return {**row, "status": "error", "error": "PrunedModelFails: " + C.first_line(e), "seconds": dt}
+    p1, c1 = C.count_params(m), C.count_macs(m, args, kwargs)
     removed = 1 - p1 / max(p0, 1)
+    base = {"params_before": p0, "params_after": p1, "macs_before": c0, "macs_after": c1, "params_removed": removed,
+            "macs_removed": 1 - c1 / max(c0, 1), "seconds": dt}
     if got != ref:
-        return {**row, "status": "error", "error": f"output shapes changed {ref} -> {got}", "seconds": dt}
-    return {**row, "status": "ok" if removed >= 0.10 else "frozen-too-much", "verified": None,
-            "params_before": p0, "params_after": p1, "macs_before": c0, "macs_after": c1, "params_removed": removed,
-            "seconds": dt}
+        return {**row, **base, "status": "error", "error": f"OutputShapeChanged: {ref} -> {got}"}
+    return {**row, **base, "status": "ok" if removed >= 0.10 else "frozen-too-much"}
 
 
 def worker(corpus: str, name: str, lib: str) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        row = run_fxprune(corpus, name) if lib == "fxprune" else run_torch_pruning(corpus, name)
-    except Exception as e:  # building the model itself failed
-        row = {"lib": lib, "status": "error", "error": "setup: " + _first_line(e), "trace": traceback.format_exc()[-800:]}
-    print("@@ROW@@" + json.dumps(row, default=str))
+    C.setup_worker(threads=1)
+    C.main_guard(lambda: run_fxprune(corpus, name) if lib == "fxprune" else run_torch_pruning(corpus, name), lib)
 
 
-# --------------------------------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------------------------------- summary
 
 
-def _spawn(corpus: str, name: str, lib: str, timeout: int) -> dict:
-    t = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", corpus, name, lib], capture_output=True, text=True,
-                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    except subprocess.TimeoutExpired:
-        return {"lib": lib, "status": "timeout", "error": f"over {timeout} s", "seconds": timeout}
-    for line in p.stdout.splitlines():
-        if line.startswith("@@ROW@@"):
-            return json.loads(line[len("@@ROW@@"):])
-    tail = (p.stderr or "").strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
-    return {"lib": lib, "status": "error", "error": f"worker died (rc {p.returncode}): {tail[0][:200]}",
-            "seconds": time.perf_counter() - t}
+def load_rows() -> dict[tuple, dict]:
+    """Newest row per (corpus, model, lib) of the current protocol."""
+    latest: dict[tuple, dict] = {}
+    if JSONL.exists():
+        for line in JSONL.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r.get("protocol") == PROTOCOL:
+                latest[(r["corpus"], r["model"], r["lib"])] = r
+    return latest
 
 
 def summarize(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
-        c = out.setdefault(r["corpus"], {}).setdefault(r["lib"], {"models": 0})
+        c = out.setdefault(r["corpus"], {}).setdefault(r["lib"], {"models": 0, **{s: 0 for s in STATUSES},
+                                                                   "timeout": 0})
         c["models"] += 1
-        c[r["status"]] = c.get(r["status"], 0) + 1
+        c[r["status"]] += 1
+        c["timeout"] += r.get("timeout", False) is True
+        if r["lib"] == "fxprune" and r["status"] == "ok" and r.get("observable") is False:
+            c["ok_unobservable"] = c.get("ok_unobservable", 0) + 1
     for corpus, libs in out.items():
         for lib, c in libs.items():
-            c["ok_rate"] = round(c.get("ok", 0) / max(c["models"], 1), 3)
+            mine = [r for r in rows if r["corpus"] == corpus and r["lib"] == lib]
+            ok = [r for r in mine if r["status"] == "ok"]
+            c["ok_rate"] = round(c["ok"] / max(c["models"], 1), 3)
+            if ok:
+                c["median_params_removed_ok"] = round(statistics.median(r["params_removed"] for r in ok), 3)
+                c["median_macs_removed_ok"] = round(statistics.median(r.get("macs_removed", 0) for r in ok), 3)
+            secs = [r["seconds"] for r in mine if r.get("seconds") is not None and not r.get("timeout")]
+            if secs:
+                c["median_seconds"] = round(statistics.median(secs), 2)
+    # head to head
+    by_model = defaultdict(dict)
+    for r in rows:
+        by_model[(r["corpus"], r["model"])][r["lib"]] = r["status"]
+    h2h: dict = {}
+    for (corpus, _), st in by_model.items():
+        if len(st) < 2:
+            continue
+        fx, tp_ = st.get("fxprune") == "ok", st.get("torch-pruning") == "ok"
+        k = {(True, True): "both_ok", (True, False): "only_fxprune_ok", (False, True): "only_tp_ok",
+             (False, False): "neither_ok"}[(fx, tp_)]
+        h2h.setdefault(corpus, Counter())[k] += 1
+    out["head_to_head"] = {k: dict(v) for k, v in h2h.items()}
     return out
 
 
+def failures(rows: list[dict], lib: str = "fxprune") -> list[dict]:
+    """Non-ok rows of ``lib`` grouped by normalised error (frozen-too-much grouped by top freeze reason)."""
+    groups: dict[str, list] = defaultdict(list)
+    for r in rows:
+        if r["lib"] != lib or r["status"] == "ok":
+            continue
+        if r["status"] == "frozen-too-much":
+            top = next(iter(r.get("frozen_reasons", {}) or {"?": 0}))
+            key = f"[frozen-too-much] top freeze reason: {top}"
+            detail = (f"removed {r.get('params_removed', 0):.1%}, {r.get('prunable_groups')} prunable / "
+                      f"{r.get('groups')} groups; unknown ops {list(r.get('unknown_ops', {}))[:4]}")
+        else:
+            key = f"[{r['status']}] " + C.error_key(r.get("error", "?"))
+            detail = r.get("error", "?") + (f"  @ {r['where']}" if r.get("where") else "") + \
+                (f"  node {r['graph_node']}" if r.get("graph_node") else "") + \
+                (f"  [{r['model_source']}]" if r.get("model_source") else "")
+        groups[key].append({"corpus": r["corpus"], "model": r["model"], "detail": detail})
+    return [{"key": k, "count": len(v), "models": v} for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+
+
 def print_table(summary: dict) -> None:
-    cols = ["models", "ok", "frozen-too-much", "trace-fail", "error", "timeout", "ok_rate"]
-    print(f"{'corpus':<12}{'library':<15}" + "".join(f"{c:>17}" for c in cols))
+    cols = ["models", "ok", "frozen-too-much", "trace-fail", "error", "timeout", "ok_rate", "median_params_removed_ok",
+            "median_seconds"]
+    short = {"frozen-too-much": "frozen", "median_params_removed_ok": "med.removed", "median_seconds": "med.s",
+             "trace-fail": "trace-fail"}
+    print(f"{'corpus':<12}{'library':<15}" + "".join(f"{short.get(c, c):>12}" for c in cols))
     for corpus, libs in summary.items():
-        for lib, c in libs.items():
-            print(f"{corpus:<12}{lib:<15}" + "".join(f"{c.get(k, 0)!s:>17}" for k in cols))
+        if corpus == "head_to_head":
+            continue
+        for lib in LIBS:
+            if lib in libs:
+                print(f"{corpus:<12}{lib:<15}" + "".join(f"{libs[lib].get(k, '-')!s:>12}" for k in cols))
+    print("head to head (both libraries ran):", json.dumps(summary.get("head_to_head", {})))
+
+
+def print_failures(fails: list[dict]) -> None:
+    print(f"\nfxprune non-ok rows grouped by error ({sum(f['count'] for f in fails)} rows, {len(fails)} groups):")
+    for f in fails:
+        print(f"\n  {f['count']:>3} x {f['key']}")
+        for m in f["models"]:
+            print(f"        {m['corpus']}/{m['model']}: {m['detail'][:260]}")
+
+
+def write_summary(todo_keys: set | None = None) -> dict:
+    rows = list(load_rows().values())
+    summary = summarize(rows)
+    fails = failures(rows)
+    print_table(summary)
+    print_failures(fails)
+    SUMMARY.write_text(json.dumps({"protocol": PROTOCOL, "summary": summary, "fxprune_failures": fails,
+                                   "tp_failures": failures(rows, "torch-pruning"),
+                                   "rows": sorted(rows, key=lambda r: (r["corpus"], r["model"], r["lib"]))},
+                                  indent=1, default=str))
+    print(f"\nwrote {SUMMARY} ({len(rows)} rows)")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def model_list(corpus: str, timm_n: int | None) -> list[str]:
+    if corpus == "torchvision":
+        return C.torchvision_names()
+    if corpus == "timm":
+        return [p["name"] for p in C.timm_sample(timm_n, cache=TIMM_SAMPLE)]
+    return list(C.HF_NAMES)
+
+
+def is_heavy(corpus: str, name: str) -> bool:
+    if corpus == "torchvision":
+        return name in HEAVY
+    if corpus == "timm" and TIMM_SAMPLE.exists():
+        est = {p["name"]: p.get("params_est", 0) for p in json.loads(TIMM_SAMPLE.read_text())}
+        return est.get(name, 0) > 250e6
+    return False
 
 
 def main() -> None:
@@ -292,58 +283,67 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="all", choices=["torchvision", "timm", "hf", "all"])
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--only", default=None, help="run a single model name")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--timm-sample", type=int, default=110)
-    ap.add_argument("--libs", default="fxprune,torch-pruning")
-    ap.add_argument("--fresh", action="store_true", help="ignore rows already in coverage.jsonl")
+    ap.add_argument("--limit", type=int, default=None, help="first N models of each corpus")
+    ap.add_argument("--only", default=None, help="comma-separated model names")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel model subprocesses (1 thread each)")
+    ap.add_argument("--timeout", type=int, default=120, help="seconds per (model, library)")
+    ap.add_argument("--heavy-timeout", type=int, default=600, help="seconds for > 250M-param models (run last, alone)")
+    ap.add_argument("--timm-sample", type=int, default=None, help="first N timm families (default: all, >= 100)")
+    ap.add_argument("--libs", default=",".join(LIBS))
+    ap.add_argument("--fresh", action="store_true", help="recompute rows already in the JSONL")
+    ap.add_argument("--rerun", default="", help="recompute rows with these statuses, e.g. 'timeout,error'")
+    ap.add_argument("--rerun-error", default="", help="recompute rows whose error contains this text")
+    ap.add_argument("--summary-only", action="store_true")
     a = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.summary_only:
+        write_summary()
+        return
     corpora = ["torchvision", "timm", "hf"] if a.corpus == "all" else [a.corpus]
+    only = set(a.only.split(",")) if a.only else None
     todo = []
     for corpus in corpora:
-        names = {"torchvision": torchvision_names, "timm": lambda: timm_names(a.timm_sample),
-                 "hf": lambda: HF_NAMES}[corpus]()
-        if a.only:
-            names = [n for n in names if n == a.only]
+        names = model_list(corpus, a.timm_sample)
+        if only:
+            names = [n for n in names if n in only]
         todo += [(corpus, n) for n in names[: a.limit]]
-    done: dict[tuple, dict] = {}
-    if JSONL.exists() and not a.fresh:
-        for line in JSONL.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["corpus"], r["model"], r["lib"])] = r
-    libs = a.libs.split(",")
-    jobs = [(c, n, lib) for c, n in todo for lib in libs if (c, n, lib) not in done]
-    print(f"{len(todo)} models, {len(jobs)} runs to do ({len(done)} cached)", flush=True)
+    done = load_rows()
+    rerun = set(filter(None, a.rerun.split(",")))
 
-    def one(job):
+    def needed(k: tuple) -> bool:
+        if a.fresh or k not in done:
+            return True
+        r = done[k]
+        return (r["status"] in rerun or ("timeout" in rerun and bool(r.get("timeout")))
+                or bool(a.rerun_error and a.rerun_error in (r.get("error") or "")))
+
+    libs = a.libs.split(",")
+    jobs = [(c, n, lib) for c, n in todo for lib in libs if needed((c, n, lib))]
+    light = [j for j in jobs if not is_heavy(j[0], j[1])]
+    heavy = [j for j in jobs if is_heavy(j[0], j[1])]
+    print(f"{len(todo)} models, {len(jobs)} runs to do ({len(heavy)} heavy, run last one at a time); "
+          f"rows -> {JSONL}", flush=True)
+    lock = threading.Lock()
+
+    def one(job, timeout):
         c, n, lib = job
-        r = _spawn(c, n, lib, a.timeout)
-        r.update({"corpus": c, "model": n})
-        with JSONL.open("a") as f:
-            f.write(json.dumps(r, default=str) + "\n")
-        print(f"{c:<12}{n:<40}{lib:<15}{r['status']:<16}{r.get('params_removed', 0):>7.3f}  "
-              f"{r.get('seconds', 0):6.1f}s  {r.get('error', '')[:90]}", flush=True)
+        r = C.spawn(__file__, ["--worker", c, n, lib], timeout)
+        if r.get("status") == "timeout":
+            r.update(status="error", timeout=True)
+        r.update({"corpus": c, "model": n, "lib": lib, "protocol": PROTOCOL, "timeout_s": timeout,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        with lock:
+            with JSONL.open("a") as f:
+                f.write(json.dumps(r, default=str) + "\n")
+            print(f"{c:<12}{n:<36}{lib:<14}{r['status']:<16}{r.get('params_removed') or 0:>7.3f}"
+                  f"{r.get('seconds') or 0:>8.1f}s  {(r.get('error') or '')[:110]}", flush=True)
         return r
 
-    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        list(ex.map(one, jobs))
-    rows = []
-    for line in JSONL.read_text().splitlines():
-        r = json.loads(line)
-        if (r["corpus"], r["model"]) in set(todo) or not a.only:
-            rows.append(r)
-    # keep the newest row per (corpus, model, lib)
-    latest = {(r["corpus"], r["model"], r["lib"]): r for r in rows}
-    rows = list(latest.values())
-    summary = summarize(rows)
-    print_table(summary)
-    fx_ok = [r for r in rows if r["lib"] == "fxprune" and r["status"] == "ok"]
-    summary["all_fxprune_ok_verified"] = all(r.get("verified") is True for r in fx_ok)
-    SUMMARY.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=str))
-    print(f"wrote {SUMMARY}")
+    with ThreadPoolExecutor(max_workers=max(a.jobs, 1)) as ex:
+        list(ex.map(lambda j: one(j, a.timeout), light))
+    for j in heavy:
+        one(j, a.heavy_timeout)
+    write_summary()
 
 
 if __name__ == "__main__":
