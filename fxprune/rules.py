@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 import operator
 import string
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 
-from .analyzer import Analyzer
+from .analyzer import Analyzer, op_name
 
 aten = torch.ops.aten
 RULES: dict[Any, Callable[[Analyzer, fx.Node], None]] = {}
@@ -109,12 +109,35 @@ def _glu(A: Analyzer, node: fx.Node) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- conv / linear
-def _conv_like(A: Analyzer, node: fx.Node, x: fx.Node, w: fx.Node, b: Any, groups: int, transposed: bool) -> None:
+def _freeze_quiet(A: Analyzer, spaces: Iterable[int], node: fx.Node, why: str) -> None:
+    """Freeze without listing ``node`` under the report's frozen-by nodes (spatial dims are frozen in every CNN);
+    a group that ends up frozen this way still names the node in its reason."""
+    for sp_ in spaces:
+        A.t.freeze(sp_, f"{node.name} ({op_name(node)}): {why}")
+
+
+def _per_dim(v: Any, n: int, default: int) -> list[int]:
+    if v is None:
+        return [default] * n
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * n if len(v) == 1 else v
+
+
+def _conv_like(A: Analyzer, node: fx.Node, x: fx.Node, w: fx.Node, b: Any, groups: int, transposed: bool,
+               stride: Any = None, padding: Any = None) -> None:
     xs, ws = A.sp(x), A.sp(w)
     out_shape = A.shape(node)
     out = A.fresh(out_shape, node.name, None)
+    nsp = len(out_shape) - 2
+    strides, pads, kernel_shape = _per_dim(stride, nsp, 1), _per_dim(padding, nsp, 0), A.shape(w)[2:]
     for i in range(2, len(out_shape)):
-        A.t.freeze(out[i], "spatial dim")
+        j = i - 2
+        if (not isinstance(pads[j], str) and kernel_shape[j] == 1 and strides[j] == 1 and pads[j] == 0
+                and out_shape[i] == A.shape(x)[i]):
+            A.unify(out[i], xs[i], node, "1x1 conv is pointwise along spatial dims")
+        else:
+            # the output length is a function of the input length: neither may change under pruning
+            _freeze_quiet(A, [xs[i], out[i]], node, "spatial dim (output size depends on it)")
     for i in range(2, len(ws)):
         A.t.freeze(ws[i], "kernel dim")
     A.unify(out[0], xs[0], node, "batch")
@@ -154,18 +177,21 @@ def _rewrite_groups(R: Any, node: fx.Node, index: int, name: str) -> None:
 
 @rule(aten.conv1d, aten.conv2d, aten.conv3d, rewrite=lambda R, n: _rewrite_groups(R, n, 6, "groups"))
 def _conv(A: Analyzer, node: fx.Node) -> None:
-    _conv_like(A, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), False)
+    _conv_like(A, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), False,
+               _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0))
 
 
 @rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
       rewrite=lambda R, n: _rewrite_groups(R, n, 6, "groups"))
 def _conv_t(A: Analyzer, node: fx.Node) -> None:
-    _conv_like(A, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), True)
+    _conv_like(A, node, node.args[0], node.args[1], _arg(node, 2, "bias"), _arg(node, 6, "groups", 1), True,
+               _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0))
 
 
 @rule(aten.convolution, rewrite=lambda R, n: _rewrite_groups(R, n, 8, "groups"))
 def _convolution(A: Analyzer, node: fx.Node) -> None:
-    _conv_like(A, node, node.args[0], node.args[1], node.args[2], node.args[8], bool(node.args[6]))
+    _conv_like(A, node, node.args[0], node.args[1], node.args[2], node.args[8], bool(node.args[6]), node.args[3],
+               node.args[4])
 
 
 @rule(aten.linear)
@@ -828,6 +854,7 @@ def _spatial(A: Analyzer, node: fx.Node) -> None:
     shp = tuple(v[0].shape) if isinstance(v, (list, tuple)) else tuple(v.shape)
     lead = 2 if len(shp) >= 3 else 1
     out = s[:lead] + [A.t.new(n, f"{node.name}.spatial", "spatial dim") for n in shp[lead:]]
+    _freeze_quiet(A, s[lead:], node, "spatial dim (output size depends on it)")
     A.set(node, [out, list(out)] if isinstance(v, (list, tuple)) else out)
 
 
@@ -853,6 +880,7 @@ def _pixel_shuffle(A: Analyzer, node: fx.Node) -> None:
     c = A.t.new(out_shape[-3], f"{node.name}.channels")
     r1, r2 = A.t.new(r, node.name, "pixel shuffle factor"), A.t.new(r, node.name, "pixel shuffle factor")
     A.unify(s[-3], A.t.product([c, r1, r2]), node, "pixel shuffle channels")
+    _freeze_quiet(A, s[-2:], node, "spatial dim (output size depends on it)")
     out = s[:-3] + [c] + [A.t.new(n, f"{node.name}.spatial", "spatial dim") for n in out_shape[-2:]]
     A.set(node, out)
 
@@ -864,6 +892,7 @@ def _pixel_unshuffle(A: Analyzer, node: fx.Node) -> None:
     out_shape = A.shape(node)
     r1, r2 = A.t.new(r, node.name, "pixel shuffle factor"), A.t.new(r, node.name, "pixel shuffle factor")
     c = A.t.product([s[-3], r1, r2], node.name)
+    _freeze_quiet(A, s[-2:], node, "spatial dim (output size depends on it)")
     out = s[:-3] + [c] + [A.t.new(n, f"{node.name}.spatial", "spatial dim") for n in out_shape[-2:]]
     A.set(node, out)
 

@@ -81,11 +81,13 @@ class Shrink(Pass):
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
         try:
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+            _NodeNamingProp(gm, mode).propagate_dont_convert_inputs(*fake)
         except Exception as e:
             node = getattr(e, "fxprune_node", None)
             raise PassError(f"shape propagation failed on the shrunk graph: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}", pass_name="shrink", node=node) from e
+                            f"{str(e).splitlines()[0] if str(e) else ''}", pass_name="shrink", node=node,
+                            fix="a rule coupled or rewrote this op's dims wrongly; report this model and exclude "
+                                "the layers around the node with ignore=[...]") from e
         want = expected_shapes(gs, leaf_keep)
         for n in gm.graph.nodes:
             v = n.meta.get("val")
@@ -95,3 +97,15 @@ class Shrink(Pass):
                     raise PassError(f"shrunk shape {got} differs from the expected {want[n.name]}",
                                     pass_name="shrink", node=n.name,
                                     fix="an op's shape constants were not rewritten; report this model")
+
+
+class _NodeNamingProp(FakeTensorProp):
+    """FakeTensorProp that tags an exception with the node (name and op) that raised it."""
+
+    def run_node(self, n):  # type: ignore[override]
+        try:
+            return super().run_node(n)
+        except Exception as e:
+            if not hasattr(e, "fxprune_node"):
+                e.fxprune_node = f"{n.name} ({n.target})" if n.op == "call_function" else n.name
+            raise

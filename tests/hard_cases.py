@@ -281,6 +281,26 @@ class EinsumStackUnbind(nn.Module):
         return self.out(y)
 
 
+class SpatialAsChannels(nn.Module):
+    """EfficientViM-style state mixer: a per-channel state dim S (a prunable channel space of the projection) is the
+    *length* of later 1d convs. A 1x1 conv is pointwise along it (S stays prunable); a k=3 conv's output length
+    depends on it, so S must freeze there (regression: timm efficientvim / bat_resnext shrank it inconsistently)."""
+
+    def __init__(self, k: int = 1):
+        super().__init__()
+        self.s = 12
+        self.proj = nn.Conv1d(8, 3 * self.s, 1)
+        self.mix = nn.Conv1d(8, 8, k, padding=k // 2)
+        self.out = nn.Conv1d(8, 8, 1)
+
+    def forward(self, x):  # x: (B, 8, L)
+        b, c, dt = torch.split(self.proj(x), [self.s, self.s, self.s], dim=1)
+        ab = b * torch.sigmoid(dt)
+        h = x @ ab.transpose(-2, -1)  # (B, 8, S): S plays the length of the convs below
+        h = self.mix(h)
+        return self.out(h @ c)  # (B, 8, L)
+
+
 CASES = {
     "residual_chain": (ResidualChain, lambda: (torch.randn(2, 3, 16, 16),)),
     "concat_of_concats": (ConcatOfConcats, lambda: (torch.randn(2, 3, 16, 16),)),
@@ -300,6 +320,8 @@ CASES = {
     "groupnorm_upsample": (GroupNormUpsample, lambda: (torch.randn(2, 3, 16, 16),)),
     "torch_mha": (TorchMHA, lambda: (torch.randn(2, 5, 8),)),
     "einsum_stack_unbind": (EinsumStackUnbind, lambda: (torch.randn(3, 10),)),
+    "spatial_as_channels_1x1": (SpatialAsChannels, lambda: (torch.randn(2, 8, 10),)),
+    "spatial_as_channels_k3": (lambda: SpatialAsChannels(k=3), lambda: (torch.randn(2, 8, 10),)),
 }
 
 

@@ -59,3 +59,19 @@ def test_dynamic_batch(name):
     assert a[0].shape[0] == 5
     for x_, y_ in zip(a, b):
         assert (x_ - y_).abs().max().item() <= 1e-4 * max(y_.abs().max().item(), 1e-6)
+
+
+@pytest.mark.parametrize("k, prunable", [(1, True), (3, False)])
+def test_conv_length_dim_is_pointwise_only_for_1x1(k, prunable):
+    """S (12 rows of each third of proj.weight) is the length of a 1d conv: prunable through a 1x1 conv, frozen
+    (reason names the conv) through a k=3 conv whose output length depends on it."""
+    from hard_cases import SpatialAsChannels
+
+    gs = fxprune.analyze(SpatialAsChannels(k=k), (torch.randn(2, 8, 10),))
+    s_groups = [g for g in gs.groups if g.size == 12 and any(m.param == "proj.weight" for m in g.members)]
+    assert s_groups, gs
+    for g in s_groups:
+        if prunable:
+            assert g.frozen is None, g.frozen
+        else:
+            assert g.frozen is not None and "spatial dim" in g.frozen and "conv1d" in g.frozen, g.frozen
