@@ -111,7 +111,8 @@ def attention_head_layers(program: Program) -> list[dict[str, Any]]:
 class HeadPrune(Pass):
     """Remove attention heads: ``ratio`` of the heads of every attention layer, or keep ``heads_per_layer``.
 
-    ``importance``: ``"l2"`` (default), ``"l1"``, ``"random"`` or a callable ``fn(group, program) -> scores``
+    ``importance``: ``"l2"`` (default), ``"l1"``, ``"bn_scale"``, ``"random"``, a Torch-Pruning importance object
+    or a callable ``fn(group, program) -> scores``
     (one score per head of the group; the q/k/v rows and output-projection columns a head owns are found through
     ``Member.coords``). ``gqa``: ``"kv"`` (remove kv heads with their query groups) or ``"query"`` (remove query
     heads inside every kv group). ``ignore``: module names / modules whose heads stay. Follow with ``Shrink()``.
