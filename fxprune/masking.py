@@ -9,7 +9,7 @@ only risk 0/0) since the zeroed scale already silences the channel.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -71,16 +71,52 @@ def apply_weight_masks(gm: fx.GraphModule, weight_masks: dict[str, torch.Tensor]
         t.mul_(mask.to(t.dtype))
 
 
+def _private(t: torch.Tensor) -> torch.Tensor:
+    c = t.detach().clone()
+    return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+
+
 @torch.no_grad()
-def shrunk_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> fx.GraphModule:
+def masked_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
+                weight_masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A copy of ``gm`` with the removed channels zeroed and the fine-grained masks applied; ``gm`` is not modified.
+
+    Copy-on-write: only tensors that masking changes are copied; the others are shared with ``gm``.
+    """
+    keep = param_keep(groups, leaf_keep)
+    names = [n for n, dims in keep.items() if any(k is not None and not k.all() for k in dims)] + list(weight_masks)
+    memo: dict[int, Any] = {}
+    for name in names:
+        mod, attr = _owner(gm, name)
+        t = getattr(mod, attr)
+        if isinstance(t, torch.Tensor) and id(t) not in memo:
+            memo[id(t)] = _private(t)
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo.setdefault(id(t), t)
+    out = copy.deepcopy(gm, memo)
+    apply_channel_masks(out, groups, leaf_keep)
+    apply_weight_masks(out, weight_masks)
+    return out
+
+
+@torch.no_grad()
+def shrunk_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
+                private: Iterable[str] = ()) -> fx.GraphModule:
     """A copy of ``gm`` whose parameters/buffers have the removed channels physically sliced out.
 
-    Only the module structure is copied: sliced tensors are new, untouched tensors are *shared* with ``gm`` (which
-    callers treat as a private, to-be-discarded masked copy), so peak memory stays near one model.
+    Only the module structure is copied: sliced tensors are new, untouched tensors are *shared* with ``gm`` (``gm``
+    is not modified), so peak memory stays near one model. Tensors named in ``private`` are copied even when
+    untouched (the caller will modify them in place, e.g. to apply fine-grained masks).
     """
     keep = param_keep(groups, leaf_keep)
     memo: dict[int, Any] = {}
     seen: set[int] = set()
+    for name in private:
+        mod, attr = _owner(gm, name)
+        t = getattr(mod, attr)
+        if isinstance(t, torch.Tensor) and all(k is None for k in keep.get(name, [None])):
+            memo[id(t)] = _private(t)
+            seen.add(id(t))
     for name, dims in keep.items():
         mod, attr = _owner(gm, name)
         t = getattr(mod, attr)

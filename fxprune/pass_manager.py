@@ -52,6 +52,9 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     modifies_weights: ClassVar[bool] = False
     changes_graph: ClassVar[bool] = False
+    #: the pass never mutates ``program.gm``: it builds a new module (copy-on-write) and assigns it, so the manager
+    #: skips the deep copy it makes for ``modifies_weights``/``changes_graph`` passes (Shrink: one model less).
+    builds_new_module: ClassVar[bool] = False
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -127,7 +130,7 @@ class PassManager:
         results = []
         for p in self.passes:
             t0 = time.perf_counter()
-            work = program.clone(deep=p.modifies_weights or p.changes_graph)
+            work = program.clone(deep=(p.modifies_weights or p.changes_graph) and not p.builds_new_module)
             try:
                 if "groups" in p.requires:
                     work.groups  # noqa: B018 - compute (or reuse) the analysis before the pass runs

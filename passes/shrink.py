@@ -8,8 +8,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxprune.analyzer import size_hint
 from fxprune.errors import PassError, VerificationError
-from fxprune.masking import (apply_channel_masks, apply_weight_masks, expected_shapes, param_keep,
-                             rewrite_shape_constants, shrunk_copy)
+from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, param_keep, rewrite_shape_constants,
+                             shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
 from fxprune.verify import verify
@@ -25,6 +25,7 @@ class Shrink(Pass):
     requires = frozenset({"groups"})
     modifies_weights = True
     changes_graph = True
+    builds_new_module = True  # program.gm is never modified: shrunk and masked modules are copy-on-write copies
 
     def __init__(self, verify: bool = True, rtol: float | None = None):
         self.verify = verify
@@ -33,24 +34,26 @@ class Shrink(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         gs = program.groups
         leaf_keep = program.leaf_keep()
-        masked = program.gm
-        apply_channel_masks(masked, gs, leaf_keep)
-        apply_weight_masks(masked, program.weight_masks)
+        src = program.gm  # shared with the previous program: read only
         if not leaf_keep or all(m.all() for m in leaf_keep.values()):
+            if program.weight_masks:
+                program.gm = masked_copy(src, gs, leaf_keep, program.weight_masks)
             program.meta["masked"] = True
             return PassResult(program, changed=False, stats={"removed_channels": 0})
         keep = param_keep(gs, leaf_keep)
-        shrunk = shrunk_copy(masked, gs, leaf_keep)
-        rewritten = rewrite_shape_constants(shrunk, gs, leaf_keep)
-        self._propagate_and_check(shrunk, program, gs, leaf_keep)
-        # fine-grained masks follow their parameters
+        alias = gs.analysis.param_alias
+        # slice the unmasked weights: the kept slices are exactly the masked module's (masking only zeroes removed
+        # channels); fine-grained masks follow their parameters and are applied to private copies
+        shrunk = shrunk_copy(src, gs, leaf_keep, private=[alias.get(n, n) for n in program.weight_masks])
         new_wm = {}
         for name, wm in program.weight_masks.items():
-            canon = gs.analysis.param_alias.get(name, name)
-            for d, k in enumerate(keep.get(canon, [])):
+            for d, k in enumerate(keep.get(alias.get(name, name), [])):
                 if k is not None:
                     wm = wm.index_select(d, torch.from_numpy(np.nonzero(k)[0]))
             new_wm[name] = wm
+        apply_weight_masks(shrunk, new_wm)
+        rewritten = rewrite_shape_constants(shrunk, gs, leaf_keep)
+        self._propagate_and_check(shrunk, program, gs, leaf_keep)
         stats = {"kept": {gid: int(m.sum()) for gid, m in program.masks.items()},
                  "removed_channels": int(sum((~m).sum() for m in leaf_keep.values())),
                  "rewritten_nodes": len(rewritten)}
@@ -58,6 +61,7 @@ class Shrink(Pass):
         if on_meta:
             stats.update({"verified": None, "verify_skipped": "meta-device model: no values to compare"})
         elif self.verify and ctx.verify:
+            masked = masked_copy(src, gs, leaf_keep, program.weight_masks)
             rtol = self.rtol if self.rtol is not None else ctx.rtol
             res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense)
             stats.update({"verified": res.ok, "max_abs_diff": res.max_abs_diff, "output_scale": res.output_scale,
