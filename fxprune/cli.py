@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import BackendUnavailableError, FxPruneError, InputError, LoadError, RecipeError
+from .errors import BackendUnavailableError, LoadError, RecipeError
 from .progress import Progress
 
 DEMO_MODEL = "resnet56"  # CIFAR ResNet-56 (0.85M params, 32x32): the whole demo takes about a minute on 2 cores

@@ -5,7 +5,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -932,7 +932,6 @@ def _reduce_dims(A: Analyzer, node: fx.Node, dims: Any, keepdim: bool, why: str)
 def _reduction(A: Analyzer, node: fx.Node) -> None:
     op = node.target.overloadpacket
     name = op.__name__ if hasattr(op, "__name__") else str(op)
-    x = node.args[0]
     why = f"{name} over these dims observes the channel count"
     ov = node.target._overloadname
     v = A.val(node)

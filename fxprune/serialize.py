@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import ExportError, FxPruneError, InputError, LoadError
+from .errors import ExportError, InputError, LoadError
 
 __all__ = ["save", "load", "replay", "export_onnx", "benchmark", "layer_sparsity", "report_from_dict",
            "read_report", "FORMAT_VERSION"]

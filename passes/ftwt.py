@@ -40,17 +40,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.errors import InputError, PassError
+from fxprune.errors import InputError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
+from fxprune.shape_prop import propagate_shapes
 
-from .macprune import _int_list, _symbolic, repropagate, settle_channel_masks
+from .macprune import _int_list, _symbolic, settle_channel_masks
 
 aten = torch.ops.aten
 MODES = ("decoupled", "joint")
@@ -303,7 +303,7 @@ class FTWTGates(Pass):
                          "block": [n.name for n in chain], "in_channels": cin, "channels": cout})
         gm.graph.lint()
         gm.recompile()
-        repropagate(gm, program, self.name)
+        propagate_shapes(gm, program, pass_name=self.name)
         program.meta["ftwt"] = info
         stats = {"gates": len(info), "blocks": [d["weight"].rsplit(".", 1)[0] for d in info],
                  "channels": [d["channels"] for d in info], "skipped": skipped, "mass": self.mass,

@@ -169,7 +169,6 @@ class HeadPrune(Pass):
         return max(1, keep)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        gs = program.groups
         ignored = ignore_filter(program, self.ignore)
         score_fn = imp.resolve(self.importance)
         layers, skipped = [], []

@@ -67,12 +67,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fxprune.errors import InputError, PassError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
+from fxprune.shape_prop import propagate_shapes
 
 aten = torch.ops.aten
 MODES = ("zero", "mac")
@@ -103,18 +103,6 @@ def _symbolic(x: torch.Tensor) -> bool:
 def sub_seed(seed: int, salt: str) -> int:
     """A stable 63-bit seed derived from ``seed`` and a string."""
     return (int(seed) * 1_000_003 + zlib.crc32(salt.encode())) % (2 ** 63)
-
-
-def repropagate(gm: fx.GraphModule, program: Program, pass_name: str) -> None:
-    """Recompute ``node.meta["val"]`` (FakeTensors) of every node after a rewrite, from the program's examples."""
-    flat = program.flat_inputs()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-    except Exception as e:
-        raise PassError(f"shape propagation failed after the rewrite: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}", pass_name=pass_name) from e
 
 
 def settle_channel_masks(program: Program, pass_name: str) -> int:
@@ -507,7 +495,7 @@ class MACPruneGate(Pass):
             gate.register_buffer("importance", imp.detach().float().clone().reshape(gate.important.shape),
                                  persistent=False)
             gate.reseed()
-        repropagate(gm, program, self.name)
+        propagate_shapes(gm, program, pass_name=self.name)
         program.meta["macprune"] = {
             "layers": names, "modules": [m for m, _ in inserted], "mode": self.mode, "p": self.p,
             "important_fraction": self.important_fraction}

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxprune.analyzer import size_hint
 from fxprune.errors import PassError, VerificationError
@@ -12,6 +10,7 @@ from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, p
                              shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
+from fxprune.shape_prop import propagate_shapes
 from fxprune.verify import verify
 
 
@@ -81,17 +80,9 @@ class Shrink(Pass):
     @staticmethod
     def _propagate_and_check(gm, program: Program, gs, leaf_keep) -> None:
         """Re-derive shape metadata on the shrunk graph and compare with the shapes the masks imply."""
-        flat = program.flat_inputs()
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
-        try:
-            _NodeNamingProp(gm, mode).propagate_dont_convert_inputs(*fake)
-        except Exception as e:
-            node = getattr(e, "fxprune_node", None)
-            raise PassError(f"shape propagation failed on the shrunk graph: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}", pass_name="shrink", node=node,
-                            fix="a rule coupled or rewrote this op's dims wrongly; report this model and exclude "
-                                "the layers around the node with ignore=[...]") from e
+        propagate_shapes(gm, program, pass_name="shrink", what="on the shrunk graph",
+                         fix="a rule coupled or rewrote this op's dims wrongly; report this model and exclude the "
+                             "layers around the node with ignore=[...]")
         want = expected_shapes(gs, leaf_keep)
         for n in gm.graph.nodes:
             v = n.meta.get("val")
@@ -102,14 +93,3 @@ class Shrink(Pass):
                                     pass_name="shrink", node=n.name,
                                     fix="an op's shape constants were not rewritten; report this model")
 
-
-class _NodeNamingProp(FakeTensorProp):
-    """FakeTensorProp that tags an exception with the node (name and op) that raised it."""
-
-    def run_node(self, n):  # type: ignore[override]
-        try:
-            return super().run_node(n)
-        except Exception as e:
-            if not hasattr(e, "fxprune_node"):
-                e.fxprune_node = f"{n.name} ({n.target})" if n.op == "call_function" else n.name
-            raise
