@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import fxprune  # noqa: E402
 import fxprune.data  # noqa: E402
+import fxprune.train  # noqa: E402
 from fxprune.dynamic_flops import dynamic_macs  # noqa: E402
 from fxprune.flops import count_macs  # noqa: E402
 from fxprune.passes.ftwt import (FTWTGate, FTWTGates, FTWTLoss, backbone_parameters, gather_module, mask_accuracy,  # noqa: E402
@@ -60,9 +61,9 @@ class VGG(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def accuracy(module, x, y, bs=500) -> float:
-    with torch.no_grad():
-        return sum(int((module(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs)) / len(x)
+def accuracy(model, x, y, bs=500) -> float:
+    """Test accuracy with fxprune.train.accuracy (eval mode, unshuffled batches)."""
+    return fxprune.train.accuracy(model, fxprune.data.loader(x, y, batch_size=bs, shuffle=False))
 
 
 def latencies_ms(fns: dict, xs, repeats: int = 3) -> dict:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import fxprune  # noqa: E402
 import fxprune.data  # noqa: E402
+import fxprune.train  # noqa: E402
 from fxprune.models.vit import ViT  # noqa: E402
 from fxprune.passes.block_sparsity import BlockSparsity  # noqa: E402
 from fxprune.passes.nm_sparsity import NMSparsity  # noqa: E402
@@ -80,11 +81,8 @@ class GreyViT(nn.Module):
 
 
 def accuracy(model, x, y, bs=1000) -> float:
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), bs):
-            correct += int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum())
-    return correct / len(x)
+    """Test accuracy with fxprune.train.accuracy (eval mode, unshuffled batches)."""
+    return fxprune.train.accuracy(model, fxprune.data.loader(x, y, batch_size=bs, shuffle=False))
 
 
 def train(model, x, y, epochs, lr, seed, step_hook=None, batch_size=128):
