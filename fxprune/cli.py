@@ -321,7 +321,7 @@ def run_pipeline(args: argparse.Namespace, model: Any, inputs: tuple, passes: li
                  progress: Progress) -> tuple[Any, dict[str, Any]]:
     """compile -> (ONNX dense + pruned -> onnxruntime latency) -> save to args.out. Returns (compiled, result)."""
     from . import compile as fx_compile
-    from . import serialize
+    from . import latency, serialize
     from .recipe import dump_recipe
 
     outdir = Path(args.out)
@@ -341,7 +341,7 @@ def run_pipeline(args: argparse.Namespace, model: Any, inputs: tuple, passes: li
         try:
             from fxprune.backends import onnx as onnx_backend
 
-            example = serialize._example(out)
+            example = latency.example_inputs(out)
             dres = onnx_backend.export(model, example, outdir / "dense.onnx", dynamic_batch=True,
                                        simplify=not args.no_simplify)
             pres = onnx_backend.export(out, example, outdir / "pruned.onnx", dynamic_batch=True,
@@ -353,31 +353,24 @@ def run_pipeline(args: argparse.Namespace, model: Any, inputs: tuple, passes: li
                           f"{'simplified' if pres.simplified else 'not simplified'}, exporter {pres.exporter}")
             if not args.no_latency:
                 batch = args.batch if (args.batch and pres.dynamic_batch and dres.dynamic_batch) else None
-                b = batch or serialize._batch_size(example)
-                progress.step(f"timing dense vs pruned in onnxruntime (batch {b}, {args.threads} threads, "
-                              f"{args.repeats} interleaved rounds)")
-                from fxprune.backends import onnxruntime as ort
-
-                x = serialize._batched(example, batch)
-                c = ort.compare(outdir / "dense.onnx", outdir / "pruned.onnx", x, warmup=args.warmup,
-                                repeats=args.repeats, threads=args.threads)
-                bench = {"backend": "onnxruntime", "batch": b, "threads": args.threads,
-                         "dense_ms": c["dense"].median_ms, "pruned_ms": c["pruned"].median_ms,
-                         "speedup": c["speedup"], "ideal_speedup": 1 / r.macs_ratio if r.macs_ratio else None,
-                         "dense": c["dense"].as_dict(), "pruned": c["pruned"].as_dict()}
+                progress.step(f"timing dense vs pruned in onnxruntime (batch {batch or latency.batch_size(example)}"
+                              f", {args.threads} threads, {args.repeats} interleaved rounds)")
+                bench = latency.benchmark(out, batch=batch, threads=args.threads, repeats=args.repeats,
+                                          warmup=args.warmup, record=False,
+                                          onnx_files=(outdir / "dense.onnx", outdir / "pruned.onnx"))
         except BackendUnavailableError as e:
             notes.append(f"ONNX skipped: {str(e).splitlines()[0]}")
             progress.warn(notes[-1] + "; timing eager torch instead")
             if not args.no_latency:
-                bench = serialize.benchmark(out, backend="torch", dense=model, threads=args.threads,
+                bench = latency.benchmark(out, backend="torch", dense=model, threads=args.threads,
                                             repeats=args.repeats, warmup=args.warmup, record=False)
     elif not args.no_latency:
         progress.step("timing dense vs pruned in eager torch")
-        bench = serialize.benchmark(out, backend="torch", dense=model, threads=args.threads, repeats=args.repeats,
+        bench = latency.benchmark(out, backend="torch", dense=model, threads=args.threads, repeats=args.repeats,
                                     warmup=args.warmup, record=False)
     if bench is not None:
         r.latency[f"{bench['backend']} (batch {bench['batch']}, {bench['threads']} threads)"] = \
-            serialize.latency_line(bench)
+            latency.latency_line(bench)
         extra["benchmark"] = bench
     if notes:
         extra["notes"] = notes

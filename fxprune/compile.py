@@ -40,14 +40,14 @@ class Compiled:
         return save(self, dir, **kw)
 
     def benchmark(self, **kw: Any) -> dict:
-        """Dense vs pruned latency; see :func:`fxprune.serialize.benchmark`."""
-        from .serialize import benchmark
+        """Dense vs pruned latency; see :func:`fxprune.latency.benchmark`."""
+        from .latency import benchmark
 
         return benchmark(self, **kw)
 
     def export_onnx(self, path: Any, **kw: Any) -> Any:
-        """Export the pruned module to ONNX; see :func:`fxprune.serialize.export_onnx`."""
-        from .serialize import export_onnx
+        """Export the pruned module to ONNX; see :func:`fxprune.latency.export_onnx`."""
+        from .latency import export_onnx
 
         return export_onnx(self, path, **kw)
 
