@@ -376,14 +376,9 @@ def protected_layers(module: fx.GraphModule) -> list[ProtectedLayer]:
 
 
 def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            from fxprune.passes.macprune import first_tensor
+    from .train import accuracy
 
-            out = first_tensor(module(x[i:i + batch_size]))
-            correct += int((out.argmax(-1) == y[i:i + batch_size]).sum())
-    return correct / max(len(x), 1)
+    return accuracy(module, ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)))
 
 
 def accuracy_vs_p(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ps: Iterable[float] = (1.0, 0.9, 0.7, 0.5,

@@ -389,12 +389,17 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[Any, Any], torch.Te
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable) -> float:
-    """Top-1 accuracy of a classifier over ``(inputs, labels)`` batches (model in eval mode)."""
+    """Top-1 accuracy of a classifier over ``(inputs, labels)`` batches (model in eval mode). For models that
+    return several outputs, the first tensor is the logits."""
+    from torch.utils._pytree import tree_flatten
+
     was = model.training
     _set_mode(model, False)
     correct = total = 0
     for x, y in data:
         out = model(*(x if isinstance(x, tuple) else (x,)))
+        if not isinstance(out, torch.Tensor):
+            out = next(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
         correct += int((out.argmax(-1) == y).sum())
         total += int(y.numel())
     _set_mode(model, was)
