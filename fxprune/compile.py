@@ -1,6 +1,12 @@
-"""``fxprune.compile`` and ``fxprune.analyze``: the public entry points."""
+"""``fxprune.compile`` and ``fxprune.analyze``: the public entry points.
+
+The core never imports pass families or backends. ``compile(passes=None)`` resolves its default pipeline by
+registered pass name, and ``Compiled.benchmark``/``export_onnx``/``save`` reach the front-door modules through
+:func:`_plugin` (an import by module name at call time, so ``import fxprune`` stays free of them).
+"""
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -11,11 +17,29 @@ import torch.nn as nn
 from .errors import InputError
 from .flops import count_macs, count_params
 from .groups import GroupSet
-from .masking import apply_channel_masks, apply_weight_masks
-from .pass_manager import Pass, PassContext, PassManager
-from .program import Program
+from .masking import masked_copy
+from .pass_manager import PASS_REGISTRY, Pass, PassContext, PassManager, PassResult
+from .program import Program, Stage
+from .records import SelectionRecord, ShrinkRecord
 from .report import GroupRow, Report
 from .trace import TRACER, normalize_inputs, trace
+
+#: the pipeline ``compile(passes=None)`` runs: (registered pass name, options)
+DEFAULT_PIPELINE: tuple[tuple[str, dict[str, Any]], ...] = (("channel_prune", {"ratio": 0.5}), ("shrink", {}))
+#: where the built-in passes register themselves (imported by name when the registry lacks a default pass)
+BUILTIN_PASSES_MODULE = "fxprune.passes"
+
+
+def _plugin(module: str) -> Any:
+    """Import a front-door or family module by name at call time (never at import time of the core)."""
+    return importlib.import_module(module)
+
+
+def default_passes() -> list[Pass]:
+    """Fresh instances of :data:`DEFAULT_PIPELINE`."""
+    if any(name not in PASS_REGISTRY for name, _ in DEFAULT_PIPELINE):
+        _plugin(BUILTIN_PASSES_MODULE)
+    return [PASS_REGISTRY[name](**opts) for name, opts in DEFAULT_PIPELINE]
 
 
 @dataclass
@@ -35,21 +59,15 @@ class Compiled:
 
     def save(self, dir: Any, **kw: Any) -> Any:
         """Write program, weights, recipe and report to ``dir``; see :func:`fxprune.serialize.save`."""
-        from .serialize import save
+        return _plugin("fxprune.serialize").save(self, dir, **kw)
 
-        return save(self, dir, **kw)
-
-    def benchmark(self, **kw: Any) -> dict:
+    def benchmark(self, **kw: Any) -> Any:
         """Dense vs pruned latency; see :func:`fxprune.latency.benchmark`."""
-        from .latency import benchmark
-
-        return benchmark(self, **kw)
+        return _plugin("fxprune.latency").benchmark(self, **kw)
 
     def export_onnx(self, path: Any, **kw: Any) -> Any:
         """Export the pruned module to ONNX; see :func:`fxprune.latency.export_onnx`."""
-        from .latency import export_onnx
-
-        return export_onnx(self, path, **kw)
+        return _plugin("fxprune.latency").export_onnx(self, path, **kw)
 
 
 def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict | None = None) -> GroupSet:
@@ -76,31 +94,38 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
 
     ``example_inputs``: a tensor, a tuple of positional args, or a dict of keyword args (``example_kwargs`` adds
     keyword args to positional ones). ``seed`` drives every random choice. ``verify`` checks shrunk == masked.
+    ``report.timings`` gives the seconds of each phase (trace, analyze, each pass by name, report).
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}",
                          fix="pass an nn.Module instance (wrap plain functions in a Module)")
-    if passes is None:
-        from fxprune.passes import ChannelPrune, Shrink
+    passes = default_passes() if passes is None else list(passes)
+    timings: dict[str, float] = {}
 
-        passes = [ChannelPrune(ratio=0.5), Shrink()]
-    passes = list(passes)
-    pm = PassManager(passes)  # validates pass objects before the (slow) trace
+    def timed(p: Pass, r: PassResult, dt: float) -> None:
+        timings[p.name] = timings.get(p.name, 0.0) + dt
+
+    pm = PassManager(passes, on_pass=timed)  # validates pass objects before the (slow) trace
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     gm = trace(model, args, kwargs)
-    program = Program(gm, args, kwargs, source=model, meta={"tracer": TRACER})
+    t1 = time.perf_counter()
+    timings["trace"] = t1 - t0
+    program = Program(gm, args, kwargs, source=model)
     initial_groups = program.groups
+    timings["analyze"] = time.perf_counter() - t1
     ctx = PassContext(seed=seed, data=data, verify=verify, rtol=rtol, dense=gm)
     params_before = count_params(gm)
     macs_before = count_macs(gm, args, kwargs) if count_flops else 0
     final, results = pm.run(program, ctx)
-    if final.meta.get("masked") is not True and (final.masks or final.weight_masks):
-        final = final.clone(deep=True)  # selection without Shrink: return the masked module
-        apply_channel_masks(final.gm, final.groups, final.leaf_keep())
-        apply_weight_masks(final.gm, final.weight_masks)
-        final.meta["masked"] = True
+    t2 = time.perf_counter()
+    if final.stage is Stage.SELECTED:  # selection without Shrink: return the masked module (copy-on-write)
+        final = final.clone(deep=False)
+        final.gm = masked_copy(final.gm, final.groups, final.leaf_keep(), final.weight_masks)
+        final.stage = Stage.MASKED
     report = _report(model, initial_groups, program, final, results, params_before, macs_before, count_flops)
+    timings["report"] = time.perf_counter() - t2
+    report.timings = {k: round(v, 4) for k, v in timings.items()}
     report.seconds = time.perf_counter() - t0
     return Compiled(final.gm, report, final)
 
@@ -108,14 +133,17 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
 def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program, results: list,
             params_before: int, macs_before: int, count_flops: bool) -> Report:
     kept: dict[int, int] = {}
-    first_shrink = next((r for name, r, _ in results if name == "shrink" and "kept" in r.stats), None)
-    if first_shrink is not None:
-        kept = first_shrink.stats["kept"]
-    elif final.analyses.get("groups") is groups:
+    shrinks = final.records_of(ShrinkRecord)
+    if shrinks:
+        kept = dict(shrinks[0].kept_channels)  # group ids of the first Shrink are the initial graph's
+    elif final.analyses.cached("groups") is groups:
         kept = {gid: int(m.sum()) for gid, m in final.masks.items()}
-    importance = {}
-    for _, r, _ in results:
-        importance.update(r.program.meta.get("importance", {}) if "importance" in r.program.meta else {})
+    importance: dict[int, tuple[float, float, float]] = {}
+    for rec in final.records:
+        if isinstance(rec, ShrinkRecord):
+            break  # later selections index the shrunk graph's groups
+        if isinstance(rec, SelectionRecord):
+            importance.update(rec.importance)
     rows = [GroupRow(g.id, g.label, g.kind, len(g.members), g.size, kept.get(g.id, g.size),
                      None if g.prunable else g.frozen, importance.get(g.id)) for g in groups]
     verified = max_diff = observable = None
@@ -126,7 +154,7 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
             observable = r.stats.get("observable")
     return Report(
         model=type(model).__name__,
-        tracer=initial.meta.get("tracer", TRACER),
+        tracer=str(initial.gm.meta.get("fxprune_tracer", TRACER)),
         dynamic_batch=bool(initial.gm.meta.get("fxprune_dynamic_batch", False)),
         params_before=params_before,
         params_after=count_params(final.gm),

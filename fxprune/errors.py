@@ -40,6 +40,10 @@ class PassError(FxPruneError):
         super().__init__(f"{where}: {message}", fix=fix)
 
 
+class StageError(PassError, InputError):
+    """A pass was put where the pipeline cannot run it (e.g. a graph rewrite before the selection is applied)."""
+
+
 class VerificationError(FxPruneError):
     """The shrunk program does not compute the same function as the masked program."""
 

@@ -41,22 +41,28 @@ def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
     return mod, attr
 
 
+ParamKeep = dict[str, list[np.ndarray | None]]
+
+
 @torch.no_grad()
-def apply_channel_masks(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> int:
-    """Zero every parameter slice of removed channels in ``gm`` (in place). Returns the number of zeroed slices."""
+def apply_channel_masks(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray], *,
+                        keep: ParamKeep | None = None) -> int:
+    """Zero every parameter slice of removed channels in ``gm`` (in place). Returns the number of zeroed slices.
+    ``keep``: the :func:`param_keep` of (groups, leaf_keep) when the caller has it already."""
     n = 0
     roles = groups.analysis.param_roles
-    for name, dims in param_keep(groups, leaf_keep).items():
+    keep = param_keep(groups, leaf_keep) if keep is None else keep
+    for name, dims in keep.items():
         if "no_zero" in roles.get(name, set()):
             continue
         mod, attr = _owner(gm, name)
         t = getattr(mod, attr)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
             continue
-        for d, keep in enumerate(dims):
-            if keep is None:
+        for d, k in enumerate(dims):
+            if k is None:
                 continue
-            idx = torch.from_numpy(np.nonzero(~keep)[0]).to(t.device)
+            idx = torch.from_numpy(np.nonzero(~k)[0]).to(t.device)
             t.index_fill_(d, idx, 0.0)
             n += int(idx.numel())
     return n
@@ -78,12 +84,12 @@ def _private(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def masked_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
-                weight_masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+                weight_masks: dict[str, torch.Tensor], *, keep: ParamKeep | None = None) -> fx.GraphModule:
     """A copy of ``gm`` with the removed channels zeroed and the fine-grained masks applied; ``gm`` is not modified.
 
     Copy-on-write: only tensors that masking changes are copied; the others are shared with ``gm``.
     """
-    keep = param_keep(groups, leaf_keep)
+    keep = param_keep(groups, leaf_keep) if keep is None else keep
     names = [n for n, dims in keep.items() if any(k is not None and not k.all() for k in dims)] + list(weight_masks)
     memo: dict[int, Any] = {}
     for name in names:
@@ -94,21 +100,21 @@ def masked_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.nd
     for t in list(gm.parameters()) + list(gm.buffers()):
         memo.setdefault(id(t), t)
     out = copy.deepcopy(gm, memo)
-    apply_channel_masks(out, groups, leaf_keep)
+    apply_channel_masks(out, groups, leaf_keep, keep=keep)
     apply_weight_masks(out, weight_masks)
     return out
 
 
 @torch.no_grad()
 def shrunk_copy(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
-                private: Iterable[str] = ()) -> fx.GraphModule:
+                private: Iterable[str] = (), *, keep: ParamKeep | None = None) -> fx.GraphModule:
     """A copy of ``gm`` whose parameters/buffers have the removed channels physically sliced out.
 
     Only the module structure is copied: sliced tensors are new, untouched tensors are *shared* with ``gm`` (``gm``
     is not modified), so peak memory stays near one model. Tensors named in ``private`` are copied even when
     untouched (the caller will modify them in place, e.g. to apply fine-grained masks).
     """
-    keep = param_keep(groups, leaf_keep)
+    keep = param_keep(groups, leaf_keep) if keep is None else keep
     memo: dict[int, Any] = {}
     seen: set[int] = set()
     for name in private:

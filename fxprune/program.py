@@ -1,21 +1,54 @@
 """Program: the IR every pass reads and returns.
 
 A Program is a traced GraphModule (parameters reachable by name through ``get_attr`` nodes) plus what passes have
-decided about it: channel keep-masks per group, fine-grained weight masks, a history, and a cache of analyses
-(the dependency groups). Passes never mutate the Program they are given; they return a new one (``clone``), so a
-failing pass leaves the previous Program intact.
+decided about it: channel keep-masks per group, their divisors, fine-grained weight masks, the pipeline
+:class:`Stage`, typed per-pass records (:mod:`fxprune.records`), a history, and a cache of analyses
+(:mod:`fxprune.analysis`). Passes never mutate the Program they are given: the pass manager hands each pass a
+:meth:`Program.clone` whose mutable state (masks, divisors, weight masks, history, analysis cache, and the module
+where the pass changes weights or graph) is private, so a failing pass leaves the previous Program intact.
 """
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx._pytree import tree_flatten_spec
+
+from .analysis import AnalysisCache, register_analysis
+from .groups import GroupSet
+from .records import Record
+
+R = TypeVar("R", bound=Record)
+
+
+class Stage(enum.Enum):
+    """Where a Program stands in the select -> mask -> shrink pipeline.
+
+    TRACED: no pending selection. SELECTED: masks chosen, weights untouched. MASKED: every pending mask is applied
+    (removed channels and masked weights are exactly zero in ``gm``). SHRUNK: removed channels are physically gone
+    and the remaining fine-grained masks are applied.
+    """
+
+    TRACED = "traced"
+    SELECTED = "selected"
+    MASKED = "masked"
+    SHRUNK = "shrunk"
+
+
+ANY_STAGE = frozenset(Stage)
+
+
+@register_analysis("groups")
+def _groups_analysis(program: "Program") -> GroupSet:
+    from .analyzer import analyze_graph
+
+    return GroupSet(analyze_graph(program.gm), program.param_shapes())
 
 
 @dataclass
@@ -25,29 +58,46 @@ class Program:
     kwargs: dict
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # group id -> keep mask (structured)
     weight_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> keep mask (fine-grained)
+    divisors: dict[int, int] = field(default_factory=dict)  # group id -> kept count must be a multiple of this
+    stage: Stage = Stage.TRACED
+    records: tuple[Record, ...] = ()
     history: list[dict[str, Any]] = field(default_factory=list)
-    analyses: dict[str, Any] = field(default_factory=dict)
+    analyses: AnalysisCache = field(default_factory=AnalysisCache)
     source: nn.Module | None = None  # the user's model (never modified; used by adapters and replay)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ analyses
+    def analysis(self, name: str) -> Any:
+        """The registered analysis ``name`` of this program (computed once, cached until invalidated)."""
+        return self.analyses.get(name, self)
+
     @property
-    def groups(self):
-        """The coupled-channel groups of the current graph (computed once, cached until the graph changes)."""
-        from .groups import GroupSet
+    def groups(self) -> GroupSet:
+        """The coupled-channel groups of the current graph (the ``"groups"`` analysis)."""
+        return self.analysis("groups")
 
-        gs = self.analyses.get("groups")
-        if gs is None:
-            from .analyzer import analyze_graph
+    # ------------------------------------------------------------------ selection state
+    def select_channels(self, gid: int, keep: np.ndarray, *, divisor: int | None = None) -> None:
+        """Intersect group ``gid``'s keep-mask with ``keep`` (a bool array); the program becomes SELECTED."""
+        keep = np.asarray(keep, dtype=bool)
+        old = self.masks.get(gid)
+        self.masks[gid] = keep.copy() if old is None else (keep & old)
+        if divisor and divisor > 1:
+            self.divisors[gid] = int(divisor)
+        self.stage = Stage.SELECTED
 
-            analysis = analyze_graph(self.gm)
-            gs = GroupSet(analysis, self.param_shapes())
-            self.analyses["groups"] = gs
-        return gs
+    def set_weight_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Set (or intersect with the existing) fine-grained mask of parameter ``name``; the program becomes
+        SELECTED."""
+        old = self.weight_masks.get(name)
+        self.weight_masks[name] = mask if old is None else (old * mask.to(old.dtype))
+        self.stage = Stage.SELECTED
 
-    def invalidate(self, *names: str) -> None:
-        for n in names or list(self.analyses):
-            self.analyses.pop(n, None)
+    def has_selection(self) -> bool:
+        return bool(self.masks) or bool(self.weight_masks)
+
+    def records_of(self, kind: type[R]) -> list[R]:
+        """Every record of type ``kind`` (oldest first)."""
+        return [r for r in self.records if isinstance(r, kind)]
 
     # ------------------------------------------------------------------ parameters
     def param(self, name: str) -> torch.Tensor:
@@ -78,17 +128,21 @@ class Program:
 
     # ------------------------------------------------------------------ copying
     def clone(self, *, deep: bool) -> "Program":
-        """A new Program. ``deep=True`` copies the module (for passes that modify weights or the graph)."""
+        """A new Program whose mutable state is private. ``deep=True`` also copies the module (for passes that
+        modify weights or the graph in place); otherwise the module is shared and must be treated as read-only.
+        Cached analyses refer to nodes and parameters by name, which a deep copy preserves, so they carry over."""
         return Program(
             gm=copy.deepcopy(self.gm) if deep else self.gm,
             args=self.args,
             kwargs=self.kwargs,
             masks={k: v.copy() for k, v in self.masks.items()},
             weight_masks={k: v.clone() for k, v in self.weight_masks.items()},
-            history=list(self.history),
-            analyses=dict(self.analyses) if not deep else _rebind_analyses(self.analyses),
+            divisors=dict(self.divisors),
+            stage=self.stage,
+            records=self.records,
+            history=copy.deepcopy(self.history),
+            analyses=self.analyses.copy(),
             source=self.source,
-            meta=dict(self.meta),
         )
 
     def leaf_keep(self) -> dict[int, np.ndarray]:
@@ -104,9 +158,3 @@ class Program:
                 seen.add(id(t))
                 total += t.numel()
         return total
-
-
-def _rebind_analyses(analyses: dict[str, Any]) -> dict[str, Any]:
-    # Analyses refer to nodes by name and parameters by qualified name, both preserved by deepcopy, so the cached
-    # group set stays valid for the copy as long as the graph is not changed.
-    return dict(analyses)

@@ -36,6 +36,7 @@ class Report:
     frozen_by: list[dict[str, str]] = field(default_factory=list)
     latency: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: trace, analyze, <pass>, report
 
     @property
     def params_ratio(self) -> float:

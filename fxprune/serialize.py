@@ -45,6 +45,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError, InputError, LoadError
+from .records import ShrinkRecord, compose_kept_indices
 
 __all__ = ["save", "load", "replay", "layer_sparsity", "report_from_dict",
            "read_report", "FORMAT_VERSION"]
@@ -346,17 +347,20 @@ def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def kept_indices(compiled: Any) -> dict[str, Any]:
     """``keep.json``'s content for ``compiled``: which original indices each resized parameter keeps."""
     final = _named_tensors(compiled.module)
-    recorded = compiled.program.meta.get("param_keep") if getattr(compiled, "program", None) else None
-    source = getattr(compiled.program, "source", None) if getattr(compiled, "program", None) else None
+    program = getattr(compiled, "program", None)
+    shrinks = program.records_of(ShrinkRecord) if program is not None else []
+    source = getattr(program, "source", None) if program is not None else None
     params: dict[str, Any] = {}
-    if recorded:
-        for name, dims in recorded.items():
-            lst = [None if k is None else (np.nonzero(np.asarray(k))[0].tolist() if np.asarray(k).dtype == bool
-                                           else [int(i) for i in k]) for k in dims]
-            if any(k is not None for k in lst):
-                params[name] = {"keep": lst, "status": "recorded",
-                                "shape": list(final[name].shape) if name in final else None}
-        return {"format": FORMAT_VERSION, "method": "recorded by the passes", "params": params}
+    if shrinks:
+        first_shapes = {}
+        for rec in shrinks:
+            for n, shp in rec.original_shapes.items():
+                first_shapes.setdefault(n, shp)
+        for name, dims in compose_kept_indices(shrinks).items():
+            params[name] = {"orig_shape": list(first_shapes.get(name, ())),
+                            "shape": list(final[name].shape) if name in final else None,
+                            "keep": [None if k is None else [int(i) for i in k] for k in dims], "status": "recorded"}
+        return {"format": FORMAT_VERSION, "method": "recorded", "params": params}
     if source is None:
         return {"format": FORMAT_VERSION, "method": "none (no original model)", "params": {}}
     orig = _named_tensors(source)
@@ -564,7 +568,7 @@ def load(folder: str | os.PathLike, *, check: bool = True) -> Any:
     ``.program`` a Program over it (example inputs, history; ``source`` is None). ``check``: the module must
     reproduce the saved outputs on the saved inputs (else :class:`LoadError`)."""
     from .compile import Compiled
-    from .program import Program
+    from .program import Program, Stage
 
     d = Path(folder)
     if not d.is_dir():
@@ -588,8 +592,9 @@ def load(folder: str | os.PathLike, *, check: bool = True) -> Any:
     rep = report_from_dict(read_report(d))
     history = json.loads((d / FILES["history"]).read_text()) if (d / FILES["history"]).exists() else []
     module.meta["fxprune_dynamic_batch"] = bool(manifest.get("dynamic_batch"))
-    program = Program(module, args, kwargs, history=history, source=None,
-                      meta={"tracer": rep.tracer, "loaded_from": str(d), "masked": False})
+    module.meta["fxprune_tracer"] = rep.tracer
+    module.meta["fxprune_loaded_from"] = str(d)
+    program = Program(module, args, kwargs, history=history, source=None, stage=Stage.SHRUNK)
     return Compiled(module, rep, program)
 
 

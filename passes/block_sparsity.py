@@ -48,7 +48,8 @@ import torch.fx as fx
 from fxprune.errors import BudgetError, InputError
 from fxprune.masking import apply_channel_masks, apply_weight_masks
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxprune.program import Program
+from fxprune.program import Program, Stage
+from fxprune.records import Record
 from fxprune.sparse_ops import (BlockSparseLinear, WeightInfo, block_grid, block_scores, expand_blocks,
                                 get_tensor, owner, time_linear)
 
@@ -455,8 +456,15 @@ class BlockSparsity(Pass):
                           "macs_ratio": round((dense_total - removed) / dense_total, 5)})
         else:
             stats.update({"sparsity": round(removed / float(numel.sum()), 5)})
-        program.meta["block_sparsity_block"] = tuple(self.block)
-        return PassResult(program, changed=removed > 0, stats=stats)
+        return PassResult(program, changed=removed > 0, stats=stats,
+                          record=BlockSparsityRecord(block=tuple(self.block)))
+
+
+@dataclass(frozen=True)
+class BlockSparsityRecord(Record):
+    """BlockSparsity's decision: the tile shape (read by a later BlockSparseRewrite without ``block=``)."""
+
+    block: tuple[int, int]
 
 
 # ----------------------------------------------------------------------------------------------- BSR rewrite
@@ -492,7 +500,8 @@ class BlockSparseRewrite(Pass):
         self.force = force
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        block = self.block or program.meta.get("block_sparsity_block")
+        recorded = program.records_of(BlockSparsityRecord)
+        block = self.block or (recorded[-1].block if recorded else None)
         if block is None:
             raise InputError("no block size: give BlockSparseRewrite(block=...) or run BlockSparsity before it",
                              fix="e.g. BlockSparseRewrite(block=(32, 32))")
@@ -500,9 +509,10 @@ class BlockSparseRewrite(Pass):
         if program.masks and any(not m.all() for m in program.masks.values()):
             raise InputError("channel masks are still pending", fix="run Shrink() before BlockSparseRewrite")
         gm = program.gm
-        if program.masks:
-            apply_channel_masks(gm, program.groups, program.leaf_keep())
-        apply_weight_masks(gm, program.weight_masks)
+        if program.stage is Stage.SELECTED:  # masks chosen but not yet applied (MASKED/SHRUNK: already in gm)
+            if program.masks:
+                apply_channel_masks(gm, program.groups, program.leaf_keep())
+            apply_weight_masks(gm, program.weight_masks)
         gen = ctx.generator("block-sparse-rewrite")
         layers: dict[str, Any] = {}
         count = 0
@@ -549,6 +559,8 @@ class BlockSparseRewrite(Pass):
         gm.graph.lint()
         gm.recompile()
         program.masks = {}
-        program.meta["masked"] = True
+        program.divisors = {}
+        if program.stage is not Stage.SHRUNK:
+            program.stage = Stage.MASKED
         return PassResult(program, changed=count > 0, stats={"block": list(block), "rewritten": count,
                                                              "layers": layers})

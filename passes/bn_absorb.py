@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fxprune.errors import InputError, PassError
 from fxprune.masking import apply_channel_masks, apply_weight_masks, param_keep
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxprune.program import Program
+from fxprune.program import Program, Stage
 
 _IDENTITY = ("aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default",
              "aten.dropout.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
@@ -100,6 +100,7 @@ class AbsorbBNShift(Pass):
 
     name = "absorb_bn_shift"
     requires = frozenset({"groups", "masks"})
+    accepts = frozenset({Stage.SELECTED})  # before ApplyMasks/Shrink: the removed BN shifts must still be there
     modifies_weights = True
 
     def __init__(self, padded: str = "absorb", measure: bool = True):
@@ -111,9 +112,6 @@ class AbsorbBNShift(Pass):
 
     # ------------------------------------------------------------------ run
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        if program.meta.get("masked"):
-            raise PassError("the program is already masked (removed BN shifts are zero)", pass_name=self.name,
-                            fix="put AbsorbBNShift after the selection pass and before ApplyMasks/Shrink")
         gs = program.groups
         leaf_keep = program.leaf_keep()
         keep = param_keep(gs, leaf_keep)
@@ -122,6 +120,7 @@ class AbsorbBNShift(Pass):
         dense = copy.deepcopy(gm) if self.measure else None
 
         consts: dict[fx.Node, Any] = {}
+        notes: list[str] = []
         removed_gamma = 0.0
         absorbed: list[dict[str, Any]] = []
         approximate: list[str] = []
@@ -146,14 +145,15 @@ class AbsorbBNShift(Pass):
             except (PassError, InputError):
                 raise
             except Exception as e:  # an op we could not evaluate: its output carries no constants
-                program.meta.setdefault("absorb_notes", []).append(f"{node.name}: {type(e).__name__}: {e}")
+                notes.append(f"{node.name}: {type(e).__name__}: {e}")
         with torch.no_grad():
             for pname, delta in updates:
                 p = program.param(pname)
                 p.add_(delta.to(p.dtype))
         stats: dict[str, Any] = {"absorbed": absorbed, "approximate": approximate, "skipped": skipped,
                                  "layers_absorbed": len(absorbed), "max_removed_gamma": removed_gamma,
-                                 "max_bias_change": max((a["max_bias_change"] for a in absorbed), default=0.0)}
+                                 "max_bias_change": max((a["max_bias_change"] for a in absorbed), default=0.0),
+                                 "notes": notes}
         if self.measure and dense is not None:
             stats.update(self._measure(program, dense, gs, leaf_keep))
         return PassResult(program, changed=bool(absorbed), stats=stats)

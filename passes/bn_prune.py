@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,10 +21,22 @@ from fxprune.errors import InputError
 from fxprune.groups import Group
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
+from fxprune.records import SelectionRecord
 
 from .channel_prune import macs_of
 
 REDUCES = ("mean", "max", "sum")
+@dataclass(frozen=True)
+class PartitionRecord(SelectionRecord):
+    """GroupChannelPrune's selection: importance summaries plus the partition each scored group fell into."""
+
+    partition: Mapping[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "partition", MappingProxyType(dict(self.partition)))
+
+
 YOLOV4_QUANTILES = (0.18, 0.50, 0.97, 0.865, 0.68)  # the YOLOv4 code's 5 group quantiles (its own partition)
 
 
@@ -89,14 +103,13 @@ def _keep_smallest_removed(scores: np.ndarray, remove: np.ndarray, floor: int) -
     return keep
 
 
-def _write(program: Program, masks: dict[int, np.ndarray], scores: dict[int, np.ndarray]) -> tuple[int, int]:
+def _write(program: Program, masks: dict[int, np.ndarray],
+           scores: dict[int, np.ndarray]) -> tuple[int, int, dict[int, tuple[float, float, float]]]:
     for gid, m in masks.items():
-        old = program.masks.get(gid)
-        program.masks[gid] = m if old is None else (m & old)
-    program.meta.setdefault("importance", {}).update(
-        {gid: (float(s.min()), float(s.mean()), float(s.max())) for gid, s in scores.items() if gid in masks})
+        program.select_channels(gid, m)
+    importance = {gid: (float(s.min()), float(s.mean()), float(s.max())) for gid, s in scores.items() if gid in masks}
     removed = sum(int((~m).sum()) for m in masks.values())
-    return removed, sum(1 for m in masks.values() if not m.all())
+    return removed, sum(1 for m in masks.values() if not m.all()), importance
 
 
 # ---------------------------------------------------------------------------------------------------- BNScalePrune
@@ -167,8 +180,8 @@ class BNScalePrune(Pass):
                 rem = remove_flat[off:off + s.size]
                 off += s.size
                 masks[gid] = _keep_smallest_removed(s, rem.copy(), _floor_keep(s.size, self.min_channels, 0.0))
-        removed, pruned = _write(program, masks, scores)
-        return PassResult(program, changed=removed > 0, stats={
+        removed, pruned, importance = _write(program, masks, scores)
+        return PassResult(program, changed=removed > 0, record=SelectionRecord(importance), stats={
             "scope": self.scope, "ratio": self.ratio, "threshold": threshold, "groups_pruned": pruned,
             "channels_removed": removed, "channels_scored": int(sum(s.size for s in scores.values())),
             "groups_without_bn": no_bn, "macs_dense": macs_of(gs, {}),
@@ -275,7 +288,7 @@ class GroupChannelPrune(Pass):
     ``quantiles``: one float for all partitions, a mapping ``{partition name or glob: q}`` (unmatched partitions use
     ``default_quantile``, or are not pruned when it is None), or a sequence matched to the partitions in sorted
     name order (its length must equal the number of partitions). The stats list every partition with its groups,
-    quantile, threshold and achieved ratio; ``program.meta["partition"]`` maps group id -> partition.
+    quantile, threshold and achieved ratio; the pass' :class:`PartitionRecord` (``program.records_of(PartitionRecord)``) maps group id -> partition.
     """
 
     name = "group_channel_prune"
@@ -406,10 +419,10 @@ class GroupChannelPrune(Pass):
             entry.update({"threshold": float(allv[order_idx[n_remove - 1]]) if n_remove > 0 else None,
                           "removed": removed, "ratio": removed / max(allv.size, 1), "floored_groups": floored})
             parts[pname] = entry
-        program.meta["partition"] = dict(assigned)
-        n_removed, pruned = _write(program, masks, scores)
+        n_removed, pruned, importance = _write(program, masks, scores)
         unassigned = [gid for gid in scores if gid not in assigned]
-        return PassResult(program, changed=n_removed > 0, stats={
+        record = PartitionRecord(importance, partition=dict(assigned))
+        return PassResult(program, changed=n_removed > 0, record=record, stats={
             "partitions": parts, "unassigned_groups": unassigned, "groups_without_bn": no_bn,
             "groups_pruned": pruned, "channels_removed": n_removed, "macs_dense": macs_of(gs, {}),
             "macs_estimate": macs_of(gs, program.leaf_keep())})

@@ -13,6 +13,7 @@ from fxprune.errors import BudgetError, InputError
 from fxprune.groups import Group, GroupSet
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
+from fxprune.records import SelectionRecord
 
 from . import importance as imp
 
@@ -160,19 +161,15 @@ class ChannelPrune(Pass):
             ratio = float(self.ratio)
         masks = self.select(groups, scores, ratio)
         for gid, m in masks.items():
-            old = program.masks.get(gid)
-            program.masks[gid] = m if old is None else (m & old)
-        if self.round_to > 1:
-            program.meta.setdefault("divisors", {}).update({gid: self.round_to for gid in masks
-                                                            if masks[gid].size >= self.round_to})
-        program.meta.setdefault("importance", {}).update(
+            program.select_channels(gid, m, divisor=self.round_to if m.size >= self.round_to else None)
+        record = SelectionRecord(
             {gid: (float(scores[gid].min()), float(scores[gid].mean()), float(scores[gid].max())) for gid in masks})
         est = macs_of(gs, program.leaf_keep())
         removed = sum(int((~m).sum()) for m in masks.values())
         return PassResult(program, changed=removed > 0, stats={
             "ratio": round(ratio, 4), "groups_pruned": sum(1 for m in masks.values() if not m.all()),
             "channels_removed": removed, "groups_unscored": skipped, "macs_dense": dense_macs,
-            "macs_estimate": est})
+            "macs_estimate": est}, record=record)
 
     def _solve_ratio(self, gs: GroupSet, groups: list[Group], scores: dict[int, np.ndarray],
                      prior: dict[int, np.ndarray], target: float, dense: int) -> float:

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from fxprune.errors import InputError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxprune.program import Program
+from fxprune.program import Program, Stage
+from fxprune.records import Record
 from fxprune.shape_prop import propagate_shapes
 
 from .macprune import _int_list, _symbolic, settle_channel_masks
@@ -196,6 +197,13 @@ def source_gate(node: fx.Node, gates: dict[fx.Node, Any]) -> fx.Node | None:
 
 
 # ----------------------------------------------------------------------------------------------- the pass
+@dataclass(frozen=True)
+class FTWTRecord(Record):
+    """Where FTWTGates put its gates: per gate, its module name, conv node, weight, gated block nodes and widths."""
+
+    gates: tuple[dict[str, Any], ...]
+
+
 @register_pass
 class FTWTGates(Pass):
     """Insert an FTWT mask predictor and gate after every selected block (see the module docstring).
@@ -206,6 +214,7 @@ class FTWTGates(Pass):
 
     name = "ftwt_gates"
     requires = frozenset({"groups"})
+    accepts = frozenset({Stage.TRACED, Stage.MASKED, Stage.SHRUNK})
     modifies_weights = True
     changes_graph = True
 
@@ -304,11 +313,10 @@ class FTWTGates(Pass):
         gm.graph.lint()
         gm.recompile()
         propagate_shapes(gm, program, pass_name=self.name)
-        program.meta["ftwt"] = info
         stats = {"gates": len(info), "blocks": [d["weight"].rsplit(".", 1)[0] for d in info],
                  "channels": [d["channels"] for d in info], "skipped": skipped, "mass": self.mass,
                  "mode": self.mode}
-        return PassResult(program, changed=True, stats=stats)
+        return PassResult(program, changed=True, stats=stats, record=FTWTRecord(tuple(info)))
 
 
 # ----------------------------------------------------------------------------------------------- the loss

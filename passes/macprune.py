@@ -60,7 +60,7 @@ falls from desynchronisation to the ``~1/p^2`` of a hiding countermeasure.
 """
 from __future__ import annotations
 
-import zlib
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -71,7 +71,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fxprune.errors import InputError, PassError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxprune.program import Program
+from fxprune.program import Program, Stage
+from fxprune.records import Record
+from fxprune.seeding import derive_seed
 from fxprune.shape_prop import propagate_shapes
 
 aten = torch.ops.aten
@@ -101,20 +103,20 @@ def _symbolic(x: torch.Tensor) -> bool:
 
 
 def sub_seed(seed: int, salt: str) -> int:
-    """A stable 63-bit seed derived from ``seed`` and a string."""
-    return (int(seed) * 1_000_003 + zlib.crc32(salt.encode())) % (2 ** 63)
+    """A stable 63-bit seed derived from ``seed`` and a string (:func:`fxprune.seeding.derive_seed`)."""
+    return derive_seed(seed, salt)
 
 
 def settle_channel_masks(program: Program, pass_name: str) -> int:
     """Gating rewrites change the graph, so earlier channel masks (keyed by group ids of the old graph) must already
-    be applied: masked programs drop them (their zeros are in the weights), unapplied ones are an error."""
-    if not program.masks:
-        return 0
-    if program.meta.get("masked") is not True:
+    be applied (the pass manager only runs gating passes on TRACED/MASKED/SHRUNK programs): masked programs drop
+    them, their zeros are in the weights."""
+    if program.stage is Stage.SELECTED:  # the manager's stage check makes this unreachable through compile
         raise InputError(f"{pass_name} rewrites the graph, but the channel masks of an earlier pass are not applied",
                          fix="put Shrink() (or ApplyMasks()) before the gating pass")
     n = len(program.masks)
     program.masks = {}
+    program.divisors = {}
     return n
 
 
@@ -159,6 +161,17 @@ def _int_list(v: Any, n: int, default: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- modules
+@dataclass(frozen=True)
+class MACPruneRecord(Record):
+    """Where MACPruneGate put its gates: protected layers (node names), gate module names, mode and rates."""
+
+    layers: tuple[str, ...]
+    modules: tuple[str, ...]
+    mode: str
+    p: float
+    important_fraction: float
+
+
 class PixelGate(nn.Module):
     """``x -> x * keep`` with ``keep = important | (U < p)`` drawn fresh for every sample at every call.
 
@@ -343,6 +356,7 @@ class MACPruneGate(Pass):
     """
 
     name = "macprune_gate"
+    accepts = frozenset({Stage.TRACED, Stage.MASKED, Stage.SHRUNK})
     modifies_weights = True
     changes_graph = True
 
@@ -496,15 +510,14 @@ class MACPruneGate(Pass):
                                  persistent=False)
             gate.reseed()
         propagate_shapes(gm, program, pass_name=self.name)
-        program.meta["macprune"] = {
-            "layers": names, "modules": [m for m, _ in inserted], "mode": self.mode, "p": self.p,
-            "important_fraction": self.important_fraction}
+        record = MACPruneRecord(layers=tuple(names), modules=tuple(m for m, _ in inserted), mode=self.mode,
+                                p=self.p, important_fraction=self.important_fraction)
         stats = {"layers": names, "mode": self.mode, "p": self.p,
                  "important": [int(g.important.sum()) for g in gates],
                  "pixels": [int(g.important.numel()) for g in gates],
                  "expected_keep_rate": [round(float(g.important.float().mean()) * (1 - self.p) + self.p, 4)
                                         for g in gates], **source}
-        return PassResult(program, changed=True, stats=stats)
+        return PassResult(program, changed=True, stats=stats, record=record)
 
     @staticmethod
     def _mac_module(node: fx.Node, gate: PixelGate, shape: tuple[int, ...]) -> nn.Module:

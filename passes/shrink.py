@@ -9,7 +9,8 @@ from fxprune.errors import PassError, VerificationError
 from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, param_keep, rewrite_shape_constants,
                              shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
-from fxprune.program import Program
+from fxprune.program import Program, Stage
+from fxprune.records import ShrinkRecord
 from fxprune.shape_prop import propagate_shapes
 from fxprune.verify import verify
 
@@ -35,15 +36,16 @@ class Shrink(Pass):
         leaf_keep = program.leaf_keep()
         src = program.gm  # shared with the previous program: read only
         if not leaf_keep or all(m.all() for m in leaf_keep.values()):
-            if program.weight_masks:
+            if program.weight_masks and program.stage is Stage.SELECTED:
                 program.gm = masked_copy(src, gs, leaf_keep, program.weight_masks)
-            program.meta["masked"] = True
+            program.masks, program.divisors = {}, {}
+            program.stage = Stage.SHRUNK
             return PassResult(program, changed=False, stats={"removed_channels": 0})
-        keep = param_keep(gs, leaf_keep)
+        keep = param_keep(gs, leaf_keep)  # once: slicing, masking and the record all use it
         alias = gs.analysis.param_alias
         # slice the unmasked weights: the kept slices are exactly the masked module's (masking only zeroes removed
         # channels); fine-grained masks follow their parameters and are applied to private copies
-        shrunk = shrunk_copy(src, gs, leaf_keep, private=[alias.get(n, n) for n in program.weight_masks])
+        shrunk = shrunk_copy(src, gs, leaf_keep, private=[alias.get(n, n) for n in program.weight_masks], keep=keep)
         new_wm = {}
         for name, wm in program.weight_masks.items():
             for d, k in enumerate(keep.get(alias.get(name, name), [])):
@@ -53,16 +55,21 @@ class Shrink(Pass):
         apply_weight_masks(shrunk, new_wm)
         rewritten = rewrite_shape_constants(shrunk, gs, leaf_keep)
         self._propagate_and_check(shrunk, program, gs, leaf_keep)
-        stats = {"kept": {gid: int(m.sum()) for gid, m in program.masks.items()},
+        kept_channels = {gid: int(m.sum()) for gid, m in program.masks.items()}
+        record = ShrinkRecord.from_keep_masks(
+            keep, {n: tuple(program.param(n).shape) for n, dims in keep.items() if any(k is not None for k in dims)},
+            kept_channels)
+        stats = {"kept": kept_channels,
                  "removed_channels": int(sum((~m).sum() for m in leaf_keep.values())),
                  "rewritten_nodes": len(rewritten)}
         on_meta = any(t.is_meta for t in list(shrunk.parameters()) + list(shrunk.buffers()))
         if on_meta:
             stats.update({"verified": None, "verify_skipped": "meta-device model: no values to compare"})
         elif self.verify and ctx.verify:
-            masked = masked_copy(src, gs, leaf_keep, program.weight_masks)
+            masked = masked_copy(src, gs, leaf_keep, program.weight_masks, keep=keep)
             rtol = self.rtol if self.rtol is not None else ctx.rtol
             res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense)
+            del masked
             stats.update({"verified": res.ok, "max_abs_diff": res.max_abs_diff, "output_scale": res.output_scale,
                           "observable": res.observable})
             if not res.ok:
@@ -70,12 +77,10 @@ class Shrink(Pass):
                                         fix="this is a bug in fxprune's rules; report it, and meanwhile exclude "
                                             "the affected layers with ignore=[...]")
         program.gm = shrunk
-        program.masks = {}
+        program.masks, program.divisors = {}, {}
         program.weight_masks = new_wm
-        program.meta["masked"] = False
-        program.meta.pop("divisors", None)
-        program.meta.pop("importance", None)
-        return PassResult(program, changed=True, stats=stats)
+        program.stage = Stage.SHRUNK
+        return PassResult(program, changed=True, stats=stats, record=record)
 
     @staticmethod
     def _propagate_and_check(gm, program: Program, gs, leaf_keep) -> None:

@@ -10,7 +10,7 @@ from fxprune import PassContext, PassManager, Program
 from fxprune.errors import InputError, PassError
 from fxprune.passes import ApplyMasks, ChannelPrune, Shrink
 from fxprune.passes.bn_absorb import AbsorbBNShift
-from fxprune.passes.bn_prune import BNScalePrune, GroupChannelPrune, bn_group_scores, feature_info
+from fxprune.passes.bn_prune import BNScalePrune, GroupChannelPrune, PartitionRecord, bn_group_scores, feature_info
 from fxprune.testing import make_observable
 
 
@@ -174,7 +174,7 @@ def test_group_channel_prune_ratios_equal_quantiles():
         for g in p["groups"]:
             sc = bn_group_scores(final, gs[g])
             assert sc[~final.masks[g]].max(initial=-1) <= p["threshold"] <= sc[final.masks[g]].min()
-    assert set(final.meta["partition"]) == {g for p in parts.values() for g in p["groups"]}
+    assert set(final.records_of(PartitionRecord)[-1].partition) == {g for p in parts.values() for g in p["groups"]}
 
 
 def test_auto_partition_uses_stride_and_block_type():

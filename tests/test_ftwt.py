@@ -12,7 +12,7 @@ import fxprune.data
 from fxprune.dynamic_flops import dynamic_macs, layer_costs
 from fxprune.errors import BackendUnavailableError, InputError
 from fxprune.flops import count_macs
-from fxprune.passes.ftwt import (FTWTGate, FTWTGates, FTWTLoss, backbone_parameters, ftwt_targets, gather_module,
+from fxprune.passes.ftwt import (FTWTGate, FTWTGates, FTWTLoss, FTWTRecord, backbone_parameters, ftwt_targets, gather_module,
                                  mask_accuracy, predictor_parameters)
 
 torch.set_num_threads(1)
@@ -109,7 +109,7 @@ def test_auto_blocks_use_the_graph_and_start_dense():
     out = fxprune.compile(model, (x,), passes=[FTWTGates()])
     st = out.report.passes[-1]["stats"]
     assert st["blocks"] == ["c1", "c2", "c3"] and st["channels"] == [8, 16, 16]
-    assert out.program.meta["ftwt"][0]["block"] == ["conv2d", "batch_norm", "relu"]
+    assert out.program.records_of(FTWTRecord)[-1].gates[0]["block"] == ["conv2d", "batch_norm", "relu"]
     with torch.no_grad():
         torch.testing.assert_close(out.module(x), model(x))  # predictors start "all on"
     # shapes stay valid for later passes

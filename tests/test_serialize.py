@@ -92,7 +92,7 @@ def test_save_writes_everything(resnet_saved):
     assert "pass: channel_prune" in (d / "recipe.yaml").read_text()
     assert "![" in (d / "report.md").read_text() and (d / "report.png").read_bytes()[:4] == b"\x89PNG"
     keep = json.loads((d / "keep.json").read_text())["params"]
-    assert keep and all(v["status"] == "exact" for v in keep.values())
+    assert keep and all(v["status"] == "recorded" for v in keep.values())
 
 
 def test_load_round_trip_in_a_fresh_process(resnet_saved, tmp_path):
