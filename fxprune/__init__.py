@@ -4,20 +4,46 @@
     from fxprune.passes import ChannelPrune, Shrink
     out = fxprune.compile(model, (x,), passes=[ChannelPrune(ratio=0.5), Shrink()])
     out.module, out.report
+
+``fxprune.passes``, ``fxprune.backends``, ``fxprune.models`` (and the other submodules) load on first attribute
+access, so ``import fxprune`` stays light and ``fxprune.backends.onnx.export(...)`` works without an extra import.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import errors
 from .compile import Compiled, analyze, compile
 from .groups import Group, GroupSet
 from .pass_manager import Pass, PassContext, PassManager, PassResult, register_pass, PASS_REGISTRY
-from .program import Program
+from .program import Program, Stage
 from .recipe import dump_recipe, load_recipe
 from .report import Report
 from .serialize import load, replay
 from .trace import trace
 
 __version__ = "0.1.0"
-__all__ = ["compile", "analyze", "trace", "Compiled", "Program", "Pass", "PassResult", "PassContext",
+__all__ = ["compile", "analyze", "trace", "Compiled", "Program", "Stage", "Pass", "PassResult", "PassContext",
            "PassManager", "register_pass", "PASS_REGISTRY", "Group", "GroupSet", "Report", "errors",
            "load", "replay", "load_recipe", "dump_recipe"]
+
+_LAZY_SUBMODULES = frozenset({"passes", "backends", "models", "train", "distill", "data", "latency", "plot",
+                              "testing", "zoo", "hf", "cli", "records", "seeding", "analysis"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                raise AttributeError(f"module 'fxprune' has no attribute {name!r}") from None
+            raise
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
