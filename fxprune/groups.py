@@ -193,6 +193,27 @@ class GroupSet:
         canon = self.analysis.param_alias.get(param, param)
         return [g for g in self.groups if any(m.param == canon for m in g.members)]
 
+    def macs(self, leaf_keep: dict[int, np.ndarray] | None = None) -> int:
+        """Analytic MACs of the graph with only the ``leaf_keep`` positions of each leaf space kept
+        (:meth:`fxprune.program.Program.leaf_keep`; ``None`` or ``{}``: dense). Exact for conv/linear/matmul/SDPA
+        terms (the analyzer's MAC terms); a cheap estimate for budgets, not a FLOP count of the shrunk module."""
+        t = self.analysis.table
+        cache: dict[int, int] = {}
+
+        def size(s: int) -> int:
+            r = t.find(s)
+            if r not in cache:
+                cache[r] = int(t.keep_positions(r, leaf_keep).sum()) if leaf_keep else t.size(r)
+            return cache[r]
+
+        total = 0
+        for term in self.analysis.mac_terms:
+            n = term.const
+            for s in term.spaces:
+                n *= size(s)
+            total += n
+        return total
+
     # ------------------------------------------------------------------ export
     def as_dict(self) -> dict[str, Any]:
         return {

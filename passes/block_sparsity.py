@@ -30,7 +30,7 @@ all-1). MACs are counted as the dense MACs (:func:`fxprune.flops.count_macs`, as
 of the removed weights.
 
 Where the speed comes from: :class:`BlockSparseRewrite` replaces a linear op by
-:class:`fxprune.sparse_ops.BlockSparseLinear` (torch BSR kernel) only when it measured faster than the dense
+:class:`fxprune.passes.sparse_kernels.BlockSparseLinear` (torch BSR kernel) only when it measured faster than the dense
 op on this machine, per layer. See ``benchmarks/block_sparse_speed.py`` for where that happens (on CPU, at high
 block sparsity only).
 """
@@ -50,9 +50,9 @@ from fxprune.masking import apply_channel_masks, apply_weight_masks
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program, Stage
 from fxprune.records import Record
-from fxprune.sparse_ops import (BlockSparseLinear, WeightInfo, block_grid, block_scores, expand_blocks,
-                                get_tensor, owner, time_linear)
+from fxprune.utils import get_tensor, owner
 
+from .sparse_kernels import BlockSparseLinear, WeightInfo, block_grid, block_scores, expand_blocks, time_linear
 from .unstructured import targets, validate_ignore
 
 DAMP = 1e-7
@@ -470,7 +470,7 @@ class BlockSparsityRecord(Record):
 # ----------------------------------------------------------------------------------------------- BSR rewrite
 @register_pass
 class BlockSparseRewrite(Pass):
-    """Lower block-sparse linear layers to :class:`fxprune.sparse_ops.BlockSparseLinear` where faster.
+    """Lower block-sparse linear layers to :class:`fxprune.passes.sparse_kernels.BlockSparseLinear` where faster.
 
     For every ``aten.linear`` whose weight has all-zero ``block`` tiles (default block: the one of the preceding
     ``BlockSparsity``) and whose dims divide into tiles, the dense op and the BSR kernel are timed on a random

@@ -23,7 +23,6 @@ from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
 from fxprune.records import SelectionRecord
 
-from .channel_prune import macs_of
 
 REDUCES = ("mean", "max", "sum")
 @dataclass(frozen=True)
@@ -184,8 +183,8 @@ class BNScalePrune(Pass):
         return PassResult(program, changed=removed > 0, record=SelectionRecord(importance), stats={
             "scope": self.scope, "ratio": self.ratio, "threshold": threshold, "groups_pruned": pruned,
             "channels_removed": removed, "channels_scored": int(sum(s.size for s in scores.values())),
-            "groups_without_bn": no_bn, "macs_dense": macs_of(gs, {}),
-            "macs_estimate": macs_of(gs, program.leaf_keep())})
+            "groups_without_bn": no_bn, "macs_dense": gs.macs(),
+            "macs_estimate": gs.macs(program.leaf_keep())})
 
 
 def _check_ignore(ignore: list) -> None:
@@ -424,8 +423,8 @@ class GroupChannelPrune(Pass):
         record = PartitionRecord(importance, partition=dict(assigned))
         return PassResult(program, changed=n_removed > 0, record=record, stats={
             "partitions": parts, "unassigned_groups": unassigned, "groups_without_bn": no_bn,
-            "groups_pruned": pruned, "channels_removed": n_removed, "macs_dense": macs_of(gs, {}),
-            "macs_estimate": macs_of(gs, program.leaf_keep())})
+            "groups_pruned": pruned, "channels_removed": n_removed, "macs_dense": gs.macs(),
+            "macs_estimate": gs.macs(program.leaf_keep())})
 
 
 def _partition_key(name: str) -> tuple:

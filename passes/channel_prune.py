@@ -3,6 +3,7 @@ until Shrink).
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Iterable
 
@@ -16,26 +17,6 @@ from fxprune.program import Program
 from fxprune.records import SelectionRecord
 
 from . import importance as imp
-
-
-def macs_of(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> int:
-    """Analytic MACs of the graph under ``leaf_keep`` (exact for conv/linear/matmul/SDPA terms)."""
-    t = groups.analysis.table
-    cache: dict[int, int] = {}
-
-    def size(s: int) -> int:
-        r = t.find(s)
-        if r not in cache:
-            cache[r] = int(t.keep_positions(r, leaf_keep).sum()) if leaf_keep else t.size(r)
-        return cache[r]
-
-    total = 0
-    for term in groups.analysis.mac_terms:
-        n = term.const
-        for s in term.spaces:
-            n *= size(s)
-        total += n
-    return total
 
 
 @register_pass
@@ -53,7 +34,7 @@ class ChannelPrune(Pass):
     requires = frozenset({"groups"})
 
     def __init__(self, ratio: float | None = None, *, target_macs: float | None = None, importance: Any = "l2",
-                 scope: str = "local", round_to: int = 1, ignore: Iterable[Any] = (), heads: bool = False,
+                 scope: str = "local", round_to: int = 1, ignore: str | Iterable[Any] = (), heads: bool = False,
                  max_ratio: float = 0.9):
         if (ratio is None) == (target_macs is None):
             raise InputError("give exactly one of ratio= or target_macs=",
@@ -74,7 +55,10 @@ class ChannelPrune(Pass):
         self.importance = importance
         self.scope = scope
         self.round_to = round_to
-        self.ignore = list(ignore)
+        if not (isinstance(max_ratio, (int, float)) and 0.0 < max_ratio < 1.0):
+            raise InputError(f"max_ratio must be in (0, 1), got {max_ratio!r}",
+                             fix="the largest fraction of one group that a global selection may remove, e.g. 0.9")
+        self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)  # one string is one name
         self.heads = heads
         self.max_ratio = max_ratio
 
@@ -95,9 +79,18 @@ class ChannelPrune(Pass):
             else:
                 raise InputError(f"ignore entries must be modules or names, got {type(item).__name__}",
                                  fix="e.g. ignore=[model.fc] or ignore=['fc']")
+            hit = False
             for p in program.groups.analysis.param_alias:
                 if p == prefix or p.startswith(prefix + ".") or prefix == "":
                     names.add(program.groups.analysis.param_alias[p])
+                    hit = True
+            if not hit:
+                modules = sorted({p.rsplit(".", 1)[0] for p in program.groups.analysis.param_alias})
+                close = difflib.get_close_matches(prefix, modules, n=3)
+                raise InputError(f"ignore={prefix!r} matches no module or parameter of the model"
+                                 + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
+                                 fix="use qualified module names as in model.named_modules(), e.g. 'fc' or "
+                                     "'layer1.0.conv1'")
         return names
 
     def candidates(self, program: Program) -> list[Group]:
@@ -150,10 +143,10 @@ class ChannelPrune(Pass):
             if s is None:
                 skipped.append(g.id)
                 continue
-            scores[g.id] = np.asarray(s, dtype=np.float64)
+            scores[g.id] = _checked_scores(s, g)
         groups = [g for g in groups if g.id in scores]
         prior = program.leaf_keep()
-        dense_macs = macs_of(gs, {})
+        dense_macs = gs.macs()
         if self.target_macs is not None:
             target = self.target_macs * dense_macs if self.target_macs < 1 else self.target_macs
             ratio = self._solve_ratio(gs, groups, scores, prior, target, dense_macs)
@@ -164,7 +157,7 @@ class ChannelPrune(Pass):
             program.select_channels(gid, m, divisor=self.round_to if m.size >= self.round_to else None)
         record = SelectionRecord(
             {gid: (float(scores[gid].min()), float(scores[gid].mean()), float(scores[gid].max())) for gid in masks})
-        est = macs_of(gs, program.leaf_keep())
+        est = gs.macs(program.leaf_keep())
         removed = sum(int((~m).sum()) for m in masks.values())
         return PassResult(program, changed=removed > 0, stats={
             "ratio": round(ratio, 4), "groups_pruned": sum(1 for m in masks.values() if not m.all()),
@@ -178,7 +171,7 @@ class ChannelPrune(Pass):
             for gid, m in self.select(groups, scores, r).items():
                 leaf = gs[gid].space
                 keep[leaf] = m & prior[leaf] if leaf in prior else m
-            return macs_of(gs, keep)
+            return gs.macs(keep)
 
         floor_macs = macs_at(0.999 if self.scope == "local" else self.max_ratio)
         if floor_macs > target:
@@ -194,6 +187,23 @@ class ChannelPrune(Pass):
             else:
                 hi = mid
         return hi
+
+
+def _checked_scores(s: Any, g: Group) -> np.ndarray:
+    """Importance scores as float64, or InputError naming the group when they are malformed."""
+    try:
+        arr = np.asarray(s.detach().cpu() if hasattr(s, "detach") else s, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"importance for group {g.id} ({g.label}) is not numeric: {type(s).__name__}",
+                         fix="return one float score per channel") from e
+    if arr.shape != (g.size,):
+        raise InputError(f"importance for group {g.id} ({g.label}) has shape {arr.shape}, expected ({g.size},)",
+                         fix="return one score per channel of the group (g.size of them)")
+    if not np.isfinite(arr).all():
+        raise InputError(f"importance for group {g.id} ({g.label}) contains NaN or Inf "
+                         f"({int((~np.isfinite(arr)).sum())} of {g.size})",
+                         fix="check the weights for NaN/Inf, or make the importance callable return finite scores")
+    return arr
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

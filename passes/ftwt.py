@@ -27,7 +27,7 @@ Blocks (``blocks=``): ``"auto"`` takes every ``conv2d`` whose output channels fo
 groups such as the logits are left dense); the block runs through the single-use chain of BatchNorm / activation
 ops after the conv. Or a list of conv module names (``"features.3"``) or node names.
 
-Dynamic MACs: :func:`fxprune.dynamic_flops.dynamic_macs` counts per-sample MACs from the active channels.
+Dynamic MACs: :func:`fxprune.passes.ftwt_flops.dynamic_macs` counts per-sample MACs from the active channels.
 Execution: the gated module computes every channel and multiplies (exportable; ONNX lowers the gate to
 GlobalAveragePool/Conv/Sigmoid/Greater/Mul). :func:`gather_module` builds an eager batch-1 module that computes
 only the active channels (index_select of weights and inputs) -- ``benchmarks/ftwt_dynamic.py`` times it.
@@ -50,8 +50,9 @@ from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program, Stage
 from fxprune.records import Record
 from fxprune.shape_prop import propagate_shapes
+from fxprune.utils import first_tensor, int_list, is_symbolic, iter_batches
 
-from .macprune import _int_list, _symbolic, settle_channel_masks
+from .macprune import settle_channel_masks
 
 aten = torch.ops.aten
 MODES = ("decoupled", "joint")
@@ -128,7 +129,7 @@ class FTWTGate(nn.Module):
         prob = torch.sigmoid(logits)
         hard = (prob > 0.5).to(prob.dtype)
         mask = hard + prob - prob.detach()  # value: hard; gradient: straight through to the sigmoid
-        if not _symbolic(block_output):
+        if not is_symbolic(block_output):
             self.last_mask = hard.detach().bool()
             self.last_logits = logits
         return block_output * mask.reshape(mask.shape + (1,) * (block_output.dim() - 2))
@@ -362,7 +363,7 @@ class FTWTLoss:
 
     def _hook(self, name: str):
         def hook(mod: FTWTGate, inputs: tuple, output: torch.Tensor) -> None:
-            if mod.enabled and mod.last_logits is not None and not _symbolic(output):
+            if mod.enabled and mod.last_logits is not None and not is_symbolic(output):
                 self._records[name] = (inputs[1].detach(), mod.last_logits)
         return hook
 
@@ -389,8 +390,6 @@ class FTWTLoss:
         return (stacked.sum() if self.reduction == "sum" else stacked.mean()), correct / max(total, 1)
 
     def __call__(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        from .macprune import first_tensor
-
         task = self.task_loss(first_tensor(outputs), y)
         mloss, acc = self.mask_loss()
         self._records = {}
@@ -422,8 +421,6 @@ def mask_accuracy(module: nn.Module, data: Iterable, mass: float | None = None, 
                   ) -> dict[str, Any]:
     """Agreement of the predicted masks with the FTWT targets on ``data``: overall, per gate, and the mean
     fraction of active channels (predicted and target)."""
-    from .macprune import iter_batches
-
     crit = FTWTLoss(module, mass=mass)
     agree: dict[str, list[int]] = {n: [0, 0, 0, 0] for n, _ in crit.gates}
     try:
@@ -457,7 +454,7 @@ class _ConvCfg:
 
 def _conv_cfg(node: fx.Node) -> _ConvCfg:
     a = list(node.args) + [None] * (7 - len(node.args))
-    return _ConvCfg(_int_list(a[3], 2, 1), _int_list(a[4], 2, 0), _int_list(a[5], 2, 1), int(a[6] or 1))
+    return _ConvCfg(int_list(a[3], 2, 1), int_list(a[4], 2, 0), int_list(a[5], 2, 1), int(a[6] or 1))
 
 
 class GatherUnit(nn.Module):

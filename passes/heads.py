@@ -22,7 +22,7 @@ from fxprune.errors import InputError, PassError
 from fxprune.groups import Group, GroupSet
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
-from fxprune.sparse_ops import ignore_filter
+from fxprune.utils import ignore_filter
 
 from . import importance as imp
 from .unstructured import validate_ignore

@@ -9,8 +9,8 @@ At *every* inference (eval mode included: it is a deployment-time defence) a pix
 and the multiply-accumulates of the pixels with ``keep == 0`` are skipped. ``important`` is a fixed set, the top
 ``important_fraction`` of pixels by importance, so accuracy is kept; the others run with probability ``p``.
 Skipping a MAC both removes its leakage and (in a sequential implementation) shifts every later MAC in time, so a
-correlation power analysis (CPA) loses its alignment. :mod:`fxprune.security` simulates that and measures the
-traces an attacker needs with and without the gate.
+correlation power analysis (CPA) loses its alignment. :mod:`fxprune.passes.macprune_leakage` simulates that and
+measures the traces an attacker needs with and without the gate.
 
 Importance (``importance=``):
 
@@ -54,9 +54,9 @@ differ in cycles). An attacker identifies the pattern of every MAC, re-synchroni
 on traces where the target MAC executed; on a ChipWhisperer-Lite MLP they recovered 96% of the important weights
 (and, with microarchitectural leakage, up to all of the non-important ones). Important pixels are never skipped,
 so their weights get no protection once traces are re-aligned; the others keep only a ``1/p`` factor.
-:func:`fxprune.security.simulate_attack` has this attacker (``attacker="double_strike"``). A deployment needs a
-constant-time, branch-free gate (dummy MACs on a zero operand) for the defence to hold, and then the mitigation
-falls from desynchronisation to the ``~1/p^2`` of a hiding countermeasure.
+:func:`fxprune.passes.macprune_leakage.simulate_attack` has this attacker (``attacker="double_strike"``). A
+deployment needs a constant-time, branch-free gate (dummy MACs on a zero operand) for the defence to hold, and then
+the mitigation falls from desynchronisation to the ``~1/p^2`` of a hiding countermeasure.
 """
 from __future__ import annotations
 
@@ -67,7 +67,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 
 from fxprune.errors import InputError, PassError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
@@ -75,6 +74,7 @@ from fxprune.program import Program, Stage
 from fxprune.records import Record
 from fxprune.seeding import derive_seed
 from fxprune.shape_prop import propagate_shapes
+from fxprune.utils import first_tensor, int_list, is_symbolic, iter_batches
 
 aten = torch.ops.aten
 MODES = ("zero", "mac")
@@ -85,23 +85,6 @@ LINEAR_OPS = {aten.linear.default}
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
-def is_exporting() -> bool:
-    """True while torch.export / the ONNX exporter traces the module (gates then use export-friendly ops)."""
-    try:
-        if torch.compiler.is_exporting():
-            return True
-    except Exception:  # pragma: no cover - very old torch
-        pass
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except Exception:  # pragma: no cover
-        return False
-
-
-def _symbolic(x: torch.Tensor) -> bool:
-    return isinstance(x, FakeTensor) or is_exporting() or x.is_meta
-
-
 def sub_seed(seed: int, salt: str) -> int:
     """A stable 63-bit seed derived from ``seed`` and a string (:func:`fxprune.seeding.derive_seed`)."""
     return derive_seed(seed, salt)
@@ -118,46 +101,6 @@ def settle_channel_masks(program: Program, pass_name: str) -> int:
     program.masks = {}
     program.divisors = {}
     return n
-
-
-def iter_batches(data: Any, max_batches: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(x, y or None) from a loader of tensors, (x, y) pairs or (x,) tuples, or from one (x, y) tuple of tensors."""
-    if isinstance(data, torch.Tensor):
-        data = [data]
-    elif (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-          and data[0].shape[:1] == data[1].shape[:1] and data[1].dim() == 1):
-        data = [tuple(data)]
-    for i, b in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        if isinstance(b, torch.Tensor):
-            yield b, None
-        elif isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor):
-            y = b[1] if len(b) > 1 and isinstance(b[1], torch.Tensor) else None
-            yield b[0], y
-        elif isinstance(b, dict) and "x" in b:
-            yield b["x"], b.get("y")
-        else:
-            raise InputError(f"calibration batches must be tensors or (x, y) tuples, got {type(b).__name__}",
-                             fix="pass e.g. fxprune.data.loader(x, y) or a list of input tensors")
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    from torch.utils._pytree import tree_flatten
-
-    for leaf in tree_flatten(out)[0]:
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-    raise InputError("the model returned no tensor", fix="the gate's calibration needs logits as output")
-
-
-def _int_list(v: Any, n: int, default: int) -> list[int]:
-    if v is None:
-        return [default] * n
-    if isinstance(v, int):
-        return [v] * n
-    v = [int(a) for a in v]
-    return v * n if len(v) == 1 else v
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -206,7 +149,7 @@ class PixelGate(nn.Module):
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         """A fresh bool keep-map broadcastable to ``x``: ``(N, [1,] *important.shape)``."""
         k = self.important.dim()
-        if _symbolic(x):  # torch.export / ONNX: RandomUniformLike, no generator object in the graph
+        if is_symbolic(x):  # torch.export / ONNX: RandomUniformLike, no generator object in the graph
             index = (slice(None),) + (slice(0, 1),) * (x.dim() - 1 - k)
             u = torch.rand_like(x[index])
         else:
@@ -214,7 +157,7 @@ class PixelGate(nn.Module):
             if u.device != x.device:
                 u = u.to(x.device)
         keep = (u < self.p) | self.important
-        if not _symbolic(x):
+        if not is_symbolic(x):
             self.last_mask = keep.detach()
         return keep
 
@@ -265,7 +208,7 @@ class MaskedMACConv2d(nn.Module):
         if self.gate.calibrating:
             return F.conv2d(self.gate(x), weight, bias, self.stride, self.padding, self.dilation)
         keep = self.gate.sample(x)
-        if _symbolic(x):  # export: the simulation form
+        if is_symbolic(x):  # export: the simulation form
             return F.conv2d(x * keep.to(x.dtype), weight, bias, self.stride, self.padding, self.dilation)
         return masked_mac_conv2d(x, keep[:, 0], weight, bias, self.stride, self.padding, self.dilation, self)
 
@@ -326,7 +269,7 @@ class MaskedMACLinear(nn.Module):
         if self.gate.calibrating:
             return F.linear(self.gate(x), weight, bias)
         keep = self.gate.sample(x)
-        if _symbolic(x) or x.dim() != 2:
+        if is_symbolic(x) or x.dim() != 2:
             return F.linear(x * keep.to(x.dtype), weight, bias)
         rows = []
         macs = 0
@@ -527,7 +470,7 @@ class MACPruneGate(Pass):
             raise InputError(f"mode='mac' supports conv2d with integer padding and linear layers, not {node.target}",
                              fix="use mode='zero' for this layer")
         a = list(node.args) + [None] * (7 - len(node.args))
-        stride, padding, dilation = (_int_list(a[3], 2, 1), _int_list(a[4], 2, 0), _int_list(a[5], 2, 1))
+        stride, padding, dilation = (int_list(a[3], 2, 1), int_list(a[4], 2, 0), int_list(a[5], 2, 1))
         groups = a[6] if a[6] is not None else node.kwargs.get("groups", 1)
         if groups != 1:
             raise InputError(f"mode='mac' needs groups == 1, {node.name} has groups={groups}",
@@ -647,4 +590,4 @@ def expected_keep_rate(gate: PixelGate) -> float:
 
 
 __all__ = ["MACPruneGate", "PixelGate", "MaskedMACConv2d", "MaskedMACLinear", "masked_mac_conv2d", "important_map",
-           "gates", "set_p", "reseed", "seed_onnx_random", "expected_keep_rate", "is_exporting"]
+           "gates", "set_p", "reseed", "seed_onnx_random", "expected_keep_rate"]

@@ -18,8 +18,9 @@ import torch
 from fxprune.errors import InputError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
-from fxprune.sparse_ops import check_nm, check_nm_onnx, get_tensor, nm_mask
+from fxprune.utils import get_tensor
 
+from .sparse_kernels import check_nm, check_nm_onnx, nm_mask
 from .unstructured import targets, validate_ignore, validate_importance, weight_scores
 
 __all__ = ["NMSparsity", "check_nm", "check_nm_onnx"]

@@ -43,8 +43,10 @@ from fxprune.errors import InputError
 from fxprune.groups import Group
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
-from fxprune.sparse_ops import get_tensor, ignore_filter, nm_mask, owner
+from fxprune.utils import get_tensor, ignore_filter, owner
 
+from .shrink import Shrink
+from .sparse_kernels import nm_mask
 from .unstructured import targets, validate_ignore
 
 STRUCTURES = ("unstructured", "nm", "channel")
@@ -428,11 +430,13 @@ class PDP(Pass):
         The trained effective weights ``m(w) * w`` are baked in, the parametrizations removed, the hard masks
         applied; then the module is compiled again with ``passes`` (default: ``[Shrink()]`` for ``"channel"``,
         nothing for the fine-grained structures, whose masks stay in ``Compiled.program.weight_masks``; use
-        :func:`fxprune.sparse_ops.enforce_masks` on ``Compiled.module`` to keep them through further training).
-        The attached module itself is left without parametrizations (weights = baked, masked values).
+        :func:`fxprune.passes.sparse_kernels.enforce_masks` on ``Compiled.module`` to keep them through further
+        training). The attached module itself is left without parametrizations (weights = baked, masked values).
+
+        A helper the user calls after training, outside any pass run: it compiles the trained module through the
+        core's public :func:`fxprune.compile.compile` (no pass runs a nested compile).
         """
-        import fxprune
-        from fxprune.passes.shrink import Shrink
+        from fxprune.compile import compile
 
         module = self._require()
         program = self._program
@@ -461,7 +465,7 @@ class PDP(Pass):
         if passes is None:
             passes = [Shrink()] if self.structure == "channel" else []
         preset = _PresetMasks(weight_masks, group_masks, source=f"pdp-{self.structure}")
-        return fxprune.compile(module, program.args, [preset, *passes], example_kwargs=program.kwargs, seed=seed,
+        return compile(module, program.args, [preset, *passes], example_kwargs=program.kwargs, seed=seed,
                                verify=verify)
 
 

@@ -12,7 +12,9 @@ import torch
 from fxprune.errors import InputError
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
-from fxprune.sparse_ops import WeightInfo, get_tensor, ignore_filter, sparsifiable_weights
+from fxprune.utils import get_tensor, ignore_filter
+
+from .sparse_kernels import WeightInfo, sparsifiable_weights
 
 IMPORTANCES = ("magnitude", "random")
 

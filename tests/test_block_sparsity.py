@@ -13,8 +13,9 @@ from fxprune.pass_manager import PassContext
 from fxprune.passes import ChannelPrune, Shrink
 from fxprune.passes.apply_masks import ApplyMasks
 from fxprune.passes.block_sparsity import BlockSparseRewrite, BlockSparsity
+from fxprune.passes.sparse_kernels import BlockSparseLinear, is_block_pattern
 from fxprune.program import Program
-from fxprune.sparse_ops import BlockSparseLinear, get_tensor, is_block_pattern
+from fxprune.utils import get_tensor
 
 torch.set_num_threads(1)
 

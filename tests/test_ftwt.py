@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 import fxprune
 import fxprune.data
-from fxprune.dynamic_flops import dynamic_macs, layer_costs
 from fxprune.errors import BackendUnavailableError, InputError
 from fxprune.flops import count_macs
 from fxprune.passes.ftwt import (FTWTGate, FTWTGates, FTWTLoss, FTWTRecord, backbone_parameters, ftwt_targets, gather_module,
                                  mask_accuracy, predictor_parameters)
+from fxprune.passes.ftwt_flops import dynamic_macs, layer_costs
 
 torch.set_num_threads(1)
 

@@ -199,7 +199,7 @@ def test_mac_mode_on_linear_first_layer():
 
 # ----------------------------------------------------------------------------------------------- accuracy
 def test_saliency_map_and_accuracy_falls_monotonically_with_p(trained):
-    from fxprune.security import accuracy_vs_p
+    from fxprune.passes.macprune_leakage import accuracy_vs_p
 
     model, (xtr, ytr), (xte, yte) = trained
     calib = fxprune.data.loader(xtr[:512], ytr[:512], batch_size=128)

@@ -10,7 +10,8 @@ import fxprune
 import fxprune.data
 from fxprune.errors import BackendUnavailableError, InputError
 from fxprune.passes.pdp import PDP, soft_mask
-from fxprune.sparse_ops import check_nm, current_masks, enforce_masks, get_tensor, load_masked_state_dict
+from fxprune.passes.sparse_kernels import check_nm, current_masks, enforce_masks, load_masked_state_dict
+from fxprune.utils import get_tensor
 
 torch.set_num_threads(1)
 

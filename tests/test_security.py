@@ -1,4 +1,4 @@
-"""fxprune.security: leakage model, CPA attack, mitigation ratio (with/without gate, Double Strike), accuracy vs p."""
+"""fxprune.passes.macprune_leakage: leakage model, CPA attack, mitigation ratio (with/without gate, Double Strike), accuracy vs p."""
 import math
 
 import numpy as np
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.errors import InputError
 from fxprune.passes.macprune import MACPruneGate, gates
-from fxprune.security import (HYPOTHESES, accuracy_vs_p, attack_model, conv_schedule, equivalent_hypotheses,
-                              hamming_weight16, linear_schedule, mitigation_ratio, prediction_table,
-                              protected_layers, quantize_int8, simulate_attack, traces_needed)
+from fxprune.passes.macprune_leakage import (HYPOTHESES, accuracy_vs_p, attack_model, conv_schedule,
+                                             equivalent_hypotheses, hamming_weight16, linear_schedule,
+                                             mitigation_ratio, prediction_table, protected_layers, quantize_int8,
+                                             simulate_attack, traces_needed)
 
 torch.set_num_threads(1)
 

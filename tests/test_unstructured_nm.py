@@ -9,9 +9,10 @@ import fxprune
 from fxprune.errors import InputError
 from fxprune.passes import ChannelPrune, Shrink
 from fxprune.passes.nm_sparsity import NMSparsity
+from fxprune.passes.sparse_kernels import (bake, check_nm, check_nm_onnx, current_masks, enforce_masks,
+                                           load_masked_state_dict, nm_mask, sparsifiable_weights)
 from fxprune.passes.unstructured import Unstructured
-from fxprune.sparse_ops import (bake, check_nm, check_nm_onnx, current_masks, enforce_masks, get_tensor,
-                                load_masked_state_dict, nm_mask, sparsifiable_weights)
+from fxprune.utils import get_tensor
 
 torch.set_num_threads(1)
 

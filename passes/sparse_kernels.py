@@ -1,4 +1,4 @@
-"""Fine-grained sparsity support shared by the Unstructured, NMSparsity, BlockSparsity, PDP passes.
+"""Fine-grained sparsity runtime of the weight-sparsity family (Unstructured, NMSparsity, BlockSparsity, PDP).
 
 * :func:`sparsifiable_weights`: which parameters are conv/linear/matmul weights, along which dim they reduce
   (the "input" dim: ``in_features`` of a linear, ``C_in`` of a conv) and their MACs at the example shapes.
@@ -11,6 +11,8 @@
 * :class:`BlockSparseLinear`, :func:`time_linear`: a linear layer whose block-sparse weight runs with torch's BSR
   kernels (``Tensor.to_sparse_bsr`` + ``addmm``); :class:`fxprune.passes.block_sparsity.BlockSparseRewrite` swaps
   it in per layer only where it measured faster than dense.
+
+Generic attribute helpers (``get_tensor``, ``owner``, ``ignore_filter``) live in :mod:`fxprune.utils`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from .errors import InputError
+from fxprune.errors import InputError
+from fxprune.utils import get_tensor, owner
 
 aten = torch.ops.aten
 
@@ -62,20 +65,6 @@ class WeightInfo:
     @property
     def reduction_size(self) -> int:
         return int(self.shape[self.reduction_dim])
-
-
-def owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The submodule holding attribute ``name`` (a qualified name) and the attribute's last component."""
-    *path, attr = name.split(".")
-    mod = module
-    for p in path:
-        mod = getattr(mod, p)
-    return mod, attr
-
-
-def get_tensor(module: nn.Module, name: str) -> torch.Tensor:
-    mod, attr = owner(module, name)
-    return getattr(mod, attr)
 
 
 def _hint(n: Any) -> int:
@@ -151,31 +140,6 @@ def _use_macs(kind: str, wshape: tuple[int, ...], node: fx.Node) -> int:
     if kind == "linear":
         return _numel(outv) * int(wshape[1])
     return _numel(outv) * int(wshape[0])  # matmul: out (..., N) from (..., K) @ (K, N)
-
-
-def ignore_filter(program: Any, ignore: Iterable[Any]) -> Any:
-    """``ignore`` entries (qualified-name prefixes or submodules of the source model) -> ``fn(param name) -> bool``."""
-    prefixes: list[str] = []
-    by_id = {}
-    src = getattr(program, "source", None)
-    for n, mod in (src.named_modules() if src is not None else []):
-        by_id[id(mod)] = n
-    for item in ignore:
-        if isinstance(item, str):
-            prefixes.append(item)
-        elif isinstance(item, nn.Module):
-            if id(item) not in by_id:
-                raise InputError(f"ignore[...] module {type(item).__name__} is not part of the model",
-                                 fix="pass a submodule of the compiled model or its qualified name")
-            prefixes.append(by_id[id(item)])
-        else:
-            raise InputError(f"ignore entries must be modules or names, got {type(item).__name__}",
-                             fix="e.g. ignore=[model.fc] or ignore=['fc']")
-
-    def ignored(name: str) -> bool:
-        return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-    return ignored
 
 
 # ----------------------------------------------------------------------------------------------- patterns

@@ -40,7 +40,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError
+from fxprune.errors import InputError
+from fxprune.utils import get_tensor, int_list
+
+from .macprune import CONV_OPS, MACPruneGate, MaskedMACConv2d, MaskedMACLinear, PixelGate, gates, reseed, set_p
 
 TIMINGS = ("compact", "constant")
 ATTACKERS = ("cpa", "double_strike")
@@ -342,9 +345,6 @@ class ProtectedLayer:
 
 def protected_layers(module: fx.GraphModule) -> list[ProtectedLayer]:
     """The layers guarded by MACPruning gates in a compiled module (zero or masked-MAC mode)."""
-    from fxprune.passes.macprune import CONV_OPS, MaskedMACConv2d, MaskedMACLinear, PixelGate, _int_list
-    from .sparse_ops import get_tensor
-
     out: list[ProtectedLayer] = []
     for node in module.graph.nodes:
         if node.op != "call_module":
@@ -368,15 +368,15 @@ def protected_layers(module: fx.GraphModule) -> list[ProtectedLayer]:
                     pad = a[4] if not isinstance(a[4], str) else None
                     if pad is None:
                         continue  # string padding ('same'): not simulated
-                    out.append(ProtectedLayer(mod, w, in_shape, "conv", _int_list(a[3], nd, 1),
-                                              _int_list(pad, nd, 0), _int_list(a[5], nd, 1)))
+                    out.append(ProtectedLayer(mod, w, in_shape, "conv", int_list(a[3], nd, 1),
+                                              int_list(pad, nd, 0), int_list(a[5], nd, 1)))
                 else:
                     out.append(ProtectedLayer(mod, w, in_shape, "linear"))
     return out
 
 
 def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    from .train import accuracy
+    from fxprune.train import accuracy
 
     return accuracy(module, ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)))
 
@@ -390,12 +390,10 @@ def accuracy_vs_p(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ps: Iterab
     ``model``: a module already compiled with :class:`MACPruneGate` (its gates are re-used), or a plain model
     (compiled here once; saliency from ``calib``). Each repeat reseeds the gates from ``seed``.
     """
-    from fxprune.passes.macprune import MACPruneGate, gates, reseed, set_p
-
     if not gates(model):
-        import fxprune
+        from fxprune.compile import compile
 
-        model = fxprune.compile(model, (x[:2],), passes=[MACPruneGate(
+        model = compile(model, (x[:2],), passes=[MACPruneGate(
             p=1.0, important_fraction=important_fraction, importance=importance, calib=calib, layers=layers,
             seed=seed)], seed=seed, count_flops=False).module
     dense_acc = None

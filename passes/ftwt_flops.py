@@ -21,7 +21,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError
+from fxprune.errors import InputError
+from fxprune.utils import get_tensor, iter_batches
+
+from .ftwt import gate_conv, gate_nodes, source_gate
 
 aten = torch.ops.aten
 _CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv2d.padding,
@@ -76,8 +79,6 @@ class DynamicMACs:
 
 def layer_costs(gm: fx.GraphModule) -> tuple[list[LayerCost], int]:
     """Dense per-sample MACs of every conv/linear node with its input/output gates; and the gates' overhead."""
-    from fxprune.passes.ftwt import gate_conv, gate_nodes, source_gate
-
     gates = gate_nodes(gm)
     gate_of = {n: n.target for n, _ in gates}
     out_gate: dict[fx.Node, str] = {}
@@ -97,19 +98,12 @@ def layer_costs(gm: fx.GraphModule) -> tuple[list[LayerCost], int]:
             raise InputError(f"node {node.name} has no shape metadata",
                              fix="run the module through fxprune.compile (shapes are propagated there)")
         wv = wnode.meta.get("val")
-        wshape = tuple(wv.shape) if isinstance(wv, torch.Tensor) else tuple(_get(gm, wnode.target).shape)
+        wshape = tuple(wv.shape) if isinstance(wv, torch.Tensor) else tuple(get_tensor(gm, wnode.target).shape)
         dense = math.prod(_hint(s) for s in yv.shape[1:]) * math.prod(int(s) for s in wshape[1:])
         src = source_gate(node.args[0], gate_of)
         rows.append(LayerCost(node.name, str(wnode.target), int(dense), gate_of[src] if src is not None else None,
                               out_gate.get(node)))
     return rows, overhead
-
-
-def _get(gm: nn.Module, name: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def macs_from_masks(layers: list[LayerCost], masks: dict[str, torch.Tensor], overhead: int) -> np.ndarray:
@@ -130,9 +124,6 @@ def macs_from_masks(layers: list[LayerCost], masks: dict[str, torch.Tensor], ove
 @torch.no_grad()
 def dynamic_macs(module: nn.Module, data: Iterable, *, max_batches: int | None = None) -> DynamicMACs:
     """Run ``module`` (an FTWT-gated GraphModule, or a Compiled) over ``data`` and count each sample's MACs."""
-    from fxprune.passes.ftwt import gate_nodes
-    from fxprune.passes.macprune import iter_batches
-
     gm = getattr(module, "module", module)
     if not isinstance(gm, fx.GraphModule):
         raise InputError("dynamic_macs needs the GraphModule from fxprune.compile", fix="pass compiled.module")
