@@ -226,3 +226,60 @@ def expected_shapes(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[
         if isinstance(sp, list) and (not sp or isinstance(sp[0], int)):
             out[name] = tuple(new(s) for s in sp)
     return out
+
+
+class masked_in_place:
+    """Context manager: ``gm`` becomes the masked program *in place* (removed channel slices zeroed, fine-grained
+    masks applied) and is restored exactly on exit, even when the body raises.
+
+    Only the values masking overwrites are saved (the removed slices and the masked-out weights), so verifying a
+    shrunk module against the masked one costs a fraction of the model instead of a second full copy. The caller
+    must own ``gm`` for the duration (no other thread may read it).
+    """
+
+    def __init__(self, gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
+                 weight_masks: dict[str, torch.Tensor], *, keep: ParamKeep | None = None):
+        self.gm, self.groups, self.leaf_keep, self.weight_masks = gm, groups, leaf_keep, weight_masks
+        self.keep = param_keep(groups, leaf_keep) if keep is None else keep
+        self._saved: list[tuple[torch.Tensor, str, Any, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def __enter__(self) -> fx.GraphModule:
+        roles = self.groups.analysis.param_roles
+        try:
+            for name, dims in self.keep.items():
+                if "no_zero" in roles.get(name, set()):
+                    continue
+                mod, attr = _owner(self.gm, name)
+                t = getattr(mod, attr)
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+                    continue
+                for d, k in enumerate(dims):
+                    if k is None:
+                        continue
+                    idx = torch.from_numpy(np.nonzero(~k)[0]).to(t.device)
+                    self._saved.append((t, "dim", (d, idx), t.index_select(d, idx)))
+                    t.index_fill_(d, idx, 0.0)
+            for name, mask in self.weight_masks.items():
+                mod, attr = _owner(self.gm, name)
+                t = getattr(mod, attr)
+                off = ~mask.to(torch.bool).to(t.device)
+                self._saved.append((t, "mask", off, t[off].clone()))
+                t[off] = 0
+        except BaseException:
+            self._restore()
+            raise
+        return self.gm
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        for t, kind, where, values in reversed(self._saved):
+            if kind == "dim":
+                d, idx = where
+                t.index_copy_(d, idx, values)
+            else:
+                t[where] = values
+        self._saved.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()

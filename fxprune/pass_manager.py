@@ -23,6 +23,7 @@ import torch
 from . import seeding
 from .analysis import check_names
 from .errors import FxPruneError, InputError, PassError, StageError
+from .options import typed_init
 from .program import ANY_STAGE, Program, Stage
 from .records import Record
 
@@ -85,6 +86,9 @@ class Pass:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__fxprune_typed__", False):
+            cls.__init__ = typed_init(cls, init)  # type: ignore[method-assign]
         cls.requires = check_names(cls.requires, "requires", cls.__name__)
         if cls.preserves is not None:
             cls.preserves = check_names(cls.preserves, "preserves", cls.__name__)

@@ -88,12 +88,7 @@ def _read(src: Any) -> tuple[list[Any], str]:
         text = None
     data: Any = src
     if text is not None:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from e
+        data = _parse_yaml(text, where)
     if isinstance(data, Mapping):
         unknown = [k for k in data if k not in _TOP_KEYS]
         if unknown:
@@ -115,6 +110,37 @@ def _read(src: Any) -> tuple[list[Any], str]:
         raise RecipeError(f"{where}: a recipe is a list of pass entries, got {type(data).__name__}",
                           fix="e.g. [{'pass': 'channel_prune', 'ratio': 0.5}, {'pass': 'shrink'}]")
     return list(data), where
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a short list of passes; anything bigger is a mistake or an attack
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML without aliases (``*name`` can expand a few bytes into gigabytes, and a pipeline never needs
+    them); errors keep the line and column."""
+    import yaml
+
+    if len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: the recipe is larger than {MAX_RECIPE_BYTES} bytes",
+                          fix="a recipe lists a few passes with their options; check the file")
+
+    class _NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise RecipeError(f"{where}: line {mark.line + 1}, column {mark.column + 1}: YAML aliases "
+                                  f"(*name) are not allowed in recipes",
+                                  fix="write the options out in full instead of referring to an anchor")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML: {at}{problem}",
+                          fix="check the indentation and the 'key: value' syntax at that position") from None
 
 
 def _entry(item: Any, i: int, where: str) -> tuple[str, dict[str, Any]] | Pass:
@@ -159,9 +185,12 @@ def build_pass(name: str, options: Mapping[str, Any], *, where: str = "recipe", 
     """Instantiate the registered pass ``name`` with ``options``; RecipeError on an unknown name or option."""
     reg = registry()
     at = f"{where}: " + (f"entry {index} " if index is not None else "")
+    if name not in reg:  # class names work too: ChannelPrune == channel_prune
+        by_class = {c.__name__: n for n, c in reg.items()}
+        name = by_class.get(name, name)
     if name not in reg:
         raise RecipeError(f"{at}unknown pass {name!r}{_suggest(name, reg)}; registered passes: "
-                          f"{', '.join(sorted(reg))}",
+                          f"{', '.join(sorted(reg))} (or their class names)",
                           fix="use a registered name (`fxprune passes` lists them), or import the module that "
                               "registers your pass (recipe key 'imports:')")
     cls = reg[name]

@@ -3,6 +3,7 @@ until Shrink).
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Iterable
 
@@ -33,7 +34,7 @@ class ChannelPrune(Pass):
     requires = frozenset({"groups"})
 
     def __init__(self, ratio: float | None = None, *, target_macs: float | None = None, importance: Any = "l2",
-                 scope: str = "local", round_to: int = 1, ignore: Iterable[Any] = (), heads: bool = False,
+                 scope: str = "local", round_to: int = 1, ignore: str | Iterable[Any] = (), heads: bool = False,
                  max_ratio: float = 0.9):
         if (ratio is None) == (target_macs is None):
             raise InputError("give exactly one of ratio= or target_macs=",
@@ -54,7 +55,10 @@ class ChannelPrune(Pass):
         self.importance = importance
         self.scope = scope
         self.round_to = round_to
-        self.ignore = list(ignore)
+        if not (isinstance(max_ratio, (int, float)) and 0.0 < max_ratio < 1.0):
+            raise InputError(f"max_ratio must be in (0, 1), got {max_ratio!r}",
+                             fix="the largest fraction of one group that a global selection may remove, e.g. 0.9")
+        self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)  # one string is one name
         self.heads = heads
         self.max_ratio = max_ratio
 
@@ -75,9 +79,18 @@ class ChannelPrune(Pass):
             else:
                 raise InputError(f"ignore entries must be modules or names, got {type(item).__name__}",
                                  fix="e.g. ignore=[model.fc] or ignore=['fc']")
+            hit = False
             for p in program.groups.analysis.param_alias:
                 if p == prefix or p.startswith(prefix + ".") or prefix == "":
                     names.add(program.groups.analysis.param_alias[p])
+                    hit = True
+            if not hit:
+                modules = sorted({p.rsplit(".", 1)[0] for p in program.groups.analysis.param_alias})
+                close = difflib.get_close_matches(prefix, modules, n=3)
+                raise InputError(f"ignore={prefix!r} matches no module or parameter of the model"
+                                 + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
+                                 fix="use qualified module names as in model.named_modules(), e.g. 'fc' or "
+                                     "'layer1.0.conv1'")
         return names
 
     def candidates(self, program: Program) -> list[Group]:
@@ -130,7 +143,7 @@ class ChannelPrune(Pass):
             if s is None:
                 skipped.append(g.id)
                 continue
-            scores[g.id] = np.asarray(s, dtype=np.float64)
+            scores[g.id] = _checked_scores(s, g)
         groups = [g for g in groups if g.id in scores]
         prior = program.leaf_keep()
         dense_macs = gs.macs()
@@ -174,6 +187,23 @@ class ChannelPrune(Pass):
             else:
                 hi = mid
         return hi
+
+
+def _checked_scores(s: Any, g: Group) -> np.ndarray:
+    """Importance scores as float64, or InputError naming the group when they are malformed."""
+    try:
+        arr = np.asarray(s.detach().cpu() if hasattr(s, "detach") else s, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"importance for group {g.id} ({g.label}) is not numeric: {type(s).__name__}",
+                         fix="return one float score per channel") from e
+    if arr.shape != (g.size,):
+        raise InputError(f"importance for group {g.id} ({g.label}) has shape {arr.shape}, expected ({g.size},)",
+                         fix="return one score per channel of the group (g.size of them)")
+    if not np.isfinite(arr).all():
+        raise InputError(f"importance for group {g.id} ({g.label}) contains NaN or Inf "
+                         f"({int((~np.isfinite(arr)).sum())} of {g.size})",
+                         fix="check the weights for NaN/Inf, or make the importance callable return finite scores")
+    return arr
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -7,6 +7,7 @@ group's members after normalising each member by its mean), ``"bn_scale"`` (|gam
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -90,9 +91,22 @@ def resolve(importance: Any) -> Callable[[Program, Group, Any], np.ndarray | Non
         adapter = TorchPruningImportance(importance)
         return lambda prog, g, ctx: adapter(prog, g)
     if callable(importance):
+        try:
+            inspect.signature(importance).bind(None, None)
+        except TypeError:
+            raise InputError(f"the importance callable {getattr(importance, '__name__', importance)!r} must accept "
+                             f"(group, program)", fix="define it as def importance(group, program) -> scores "
+                                                      "(one float per channel, group.size of them)") from None
+        except ValueError:  # builtins without a signature: try at call time
+            pass
+
         def call(prog: Program, g: Group, ctx: Any) -> np.ndarray:
             s = importance(g, prog)
-            s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            try:
+                s = np.asarray(s.detach().cpu() if isinstance(s, torch.Tensor) else s, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"importance callable returned a {type(s).__name__} for group {g.id} ({g.label}), "
+                                 f"not numbers", fix="return one float score per channel") from None
             if s.shape != (g.size,):
                 raise InputError(f"importance callable returned shape {s.shape} for group {g.id} ({g.label}); "
                                  f"expected ({g.size},)", fix="return one score per channel of the group")
