@@ -4,7 +4,7 @@ Rows:
 
 * ``layer``: the two linear layers of a ViT-B/16 MLP block (768 -> 3072 -> 768, 197 tokens, batch 1), 32x32
   tiles, 50/70/90% of the tiles dropped at random (seeded); dense ``F.linear`` vs
-  :class:`fxprune.sparse_ops.BlockSparseLinear` (``torch.addmm`` with a ``to_sparse_bsr`` weight).
+  :class:`fxprune.passes.sparse_kernels.BlockSparseLinear` (``torch.addmm`` with a ``to_sparse_bsr`` weight).
 * ``vit_small``: our ViT-S/16 (``fxprune.models.get("vit", size="full")``, 224x224, batch 1, random init),
   ``BlockSparsity(block, sparsity=s, allocation="uniform")`` on all linear layers of the blocks, then
   (a) dense kernels on the masked weights, (b) every layer on BSR (``BlockSparseRewrite(force="bsr")``),
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import fxprune  # noqa: E402
 from fxprune import models  # noqa: E402
 from fxprune.passes.block_sparsity import BlockSparseRewrite, BlockSparsity  # noqa: E402
-from fxprune.sparse_ops import BlockSparseLinear  # noqa: E402
+from fxprune.passes.sparse_kernels import BlockSparseLinear  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

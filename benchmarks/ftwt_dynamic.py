@@ -6,7 +6,7 @@ convs), then ``--ft-epochs`` of FTWT training (predictors SGD lr 0.1, backbone S
 first half). Reported per mass, on ``--test-limit`` test images:
 
 * accuracy (dense / gated), mask accuracy vs the self-supervised targets, active-channel fraction per gate;
-* dynamic MACs per sample (``fxprune.dynamic_flops.dynamic_macs``): mean, std, percentiles, histogram; checked
+* dynamic MACs per sample (``fxprune.passes.ftwt_flops.dynamic_macs``): mean, std, percentiles, histogram; checked
   against torch's FLOP counter on the gather module for the first images;
 * an execution-path sweep on a wider random VGG (64-128-256-256) with fixed active fractions 1 / 0.5 / 0.25;
 * batch-1 latency (10th percentile and median over ``--latency-samples`` images x 3, 1 thread, round-robin): the dense model, the gated module (computes
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import fxprune  # noqa: E402
 import fxprune.data  # noqa: E402
 import fxprune.train  # noqa: E402
-from fxprune.dynamic_flops import dynamic_macs  # noqa: E402
+from fxprune.passes.ftwt_flops import dynamic_macs  # noqa: E402
 from fxprune.flops import count_macs  # noqa: E402
 from fxprune.passes.ftwt import (FTWTGate, FTWTGates, FTWTLoss, backbone_parameters, gather_module, mask_accuracy,  # noqa: E402
                                  predictor_parameters)

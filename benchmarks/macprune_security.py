@@ -7,7 +7,7 @@ One small CNN (conv16-conv32-fc, raw [0, 1] pixels so that a skipped pixel is bl
   plus the ``"gradient"`` importance and a random important set at fraction 0.3 (why ``"saliency"`` is |x * grad|);
 * gate-aware fine-tuning (one epoch with the gate on, fraction 0.3): accuracy at p = 0.7 / 0.5 / 0.3;
 * masked-MAC form: MACs of the first conv counted by torch's FLOP counter, per p;
-* simulated CPA on output channel 0's largest weight (int8), ``fxprune.security`` (Hamming-weight leakage,
+* simulated CPA on output channel 0's largest weight (int8), ``fxprune.passes.macprune_leakage`` (Hamming-weight leakage,
   sigma ``--sigma``, attacker-chosen random inputs): traces needed without the gate, and R = traces(gated) /
   traces(ungated) for three settings: CPA on MACPruning's compacting schedule (the defence as designed), CPA on a
   constant-time gate, and the Double Strike attacker (control-flow re-alignment, arXiv 2601.08698).
@@ -37,8 +37,8 @@ import fxprune  # noqa: E402
 import fxprune.data  # noqa: E402
 from fxprune.flops import count_macs  # noqa: E402
 from fxprune.passes.macprune import MACPruneGate, MaskedMACConv2d, gates  # noqa: E402
-from fxprune.security import (accuracy_vs_p, dense_baseline, mitigation_ratio, plot_accuracy_vs_r,  # noqa: E402
-                              protected_layers, quantize_int8, traces_needed)
+from fxprune.passes.macprune_leakage import (accuracy_vs_p, dense_baseline, mitigation_ratio,  # noqa: E402
+                                             plot_accuracy_vs_r, protected_layers, quantize_int8, traces_needed)
 
 RESULTS = ROOT / "benchmarks" / "results"
 

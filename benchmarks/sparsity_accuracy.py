@@ -46,8 +46,9 @@ from fxprune.models.vit import ViT  # noqa: E402
 from fxprune.passes.block_sparsity import BlockSparsity  # noqa: E402
 from fxprune.passes.nm_sparsity import NMSparsity  # noqa: E402
 from fxprune.passes.pdp import PDP  # noqa: E402
+from fxprune.passes.sparse_kernels import bake, enforce_masks  # noqa: E402
 from fxprune.passes.unstructured import Unstructured  # noqa: E402
-from fxprune.sparse_ops import bake, enforce_masks, get_tensor  # noqa: E402
+from fxprune.utils import get_tensor  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -108,7 +109,7 @@ def mask_stats(out, masks) -> dict:
 
 def macs_after(out, masks, dense_macs) -> int:
     """Dense MACs minus the MACs of the masked weights (per weight element: the layer's MACs / numel)."""
-    from fxprune.sparse_ops import sparsifiable_weights
+    from fxprune.passes.sparse_kernels import sparsifiable_weights
 
     infos = sparsifiable_weights(out.program.gm) if out.program.gm is not None else {}
     removed = 0.0
