@@ -20,7 +20,8 @@ from .pass_manager import Pass, PassContext, PassManager, PassResult, register_p
 from .program import Program, Stage
 from .recipe import dump_recipe, load_recipe
 from .report import Report
-from .serialize import load, replay
+from .archive import load
+from .replay import replay
 from .trace import trace
 
 __version__ = "0.1.0"

@@ -58,8 +58,9 @@ class Compiled:
         return self.program.groups
 
     def save(self, dir: Any, **kw: Any) -> Any:
-        """Write program, weights, recipe and report to ``dir``; see :func:`fxprune.serialize.save`."""
-        return _plugin("fxprune.serialize").save(self, dir, **kw)
+        """Write program, weights, recipe and report to the folder ``dir`` (atomically); see
+        :func:`fxprune.archive.save`."""
+        return _plugin("fxprune.archive").save(self, dir, **kw)
 
     def benchmark(self, **kw: Any) -> Any:
         """Dense vs pruned latency; see :func:`fxprune.latency.benchmark`."""

@@ -12,13 +12,16 @@
 per-layer sparsity as Markdown, embedding the picture.
 
 ``report`` is a :class:`~fxprune.report.Report`, a Compiled, or ``report.json``'s dict (what
-:func:`fxprune.serialize.report_dict` returns; it adds ``recipe`` and ``layer_sparsity``).
+:func:`fxprune.report.report_json` returns; it adds ``recipe`` and ``layer_sparsity`` to ``Report.to_dict()``).
+This module reads reports only: it never imports the archive (save/load) or compile modules.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from .report import Report, report_json
 
 __all__ = ["plot_report", "write_markdown", "markdown"]
 
@@ -27,11 +30,9 @@ def _as_dict(report: Any) -> dict[str, Any]:
     if isinstance(report, Mapping):
         return dict(report)
     if hasattr(report, "report") and hasattr(report, "module"):  # a Compiled
-        from .serialize import report_dict
-
-        return report_dict(report)
-    if hasattr(report, "as_dict"):
-        return report.as_dict()
+        return report_json(report)
+    if isinstance(report, Report):
+        return report.to_dict()
     raise TypeError(f"expected a Report, a Compiled or a report dict, got {type(report).__name__}")
 
 
@@ -101,10 +102,8 @@ def _short(name: str, n: int = 28) -> str:
 
 def markdown(report: Any, *, plot: str | None = None, max_rows: int = 200) -> str:
     """The Markdown text of :func:`write_markdown`."""
-    from .serialize import report_from_dict
-
     d = _as_dict(report)
-    rep = report_from_dict(d)
+    rep = Report.from_dict(d)
     out = [f"# fxprune report: {d.get('model', '')}", ""]
     out += ["```", rep.summary(), "```", ""]
     bench = d.get("benchmark")

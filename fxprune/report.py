@@ -1,9 +1,27 @@
-"""The compile report: params and MACs before/after, verification, and a per-group table."""
+"""The compile report: params and MACs before/after, verification, and a per-group table.
+
+:class:`Report` is what :func:`fxprune.compile` returns in ``Compiled.report``; :meth:`Report.to_dict` /
+:meth:`Report.from_dict` are its JSON form (``"schema": 1``), the core of a saved ``report.json``.
+:func:`report_json` adds what a save writes next to it (recipe, per-layer sparsity from :func:`layer_sparsity`,
+versions, extra keys), and :func:`graph_facts` reads conv/GroupNorm group counts off a graph (for replay).
+"""
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import platform
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import LoadError
+
+#: version of :meth:`Report.to_dict`'s layout (``"schema"`` in report.json); :meth:`Report.from_dict` reads up to it
+REPORT_SCHEMA = 1
 
 
 @dataclass
@@ -46,14 +64,64 @@ class Report:
     def macs_ratio(self) -> float:
         return self.macs_after / max(self.macs_before, 1)
 
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (groups as dicts), ``params_ratio``, ``macs_ratio`` and ``"schema"``
+        (:data:`REPORT_SCHEMA`); :meth:`from_dict` reads it back."""
+        d: dict[str, Any] = {"schema": REPORT_SCHEMA}
+        d.update(asdict(self))
         d["params_ratio"] = self.params_ratio
         d["macs_ratio"] = self.macs_ratio
         return d
 
+    as_dict = to_dict  # the older name
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "report") -> "Report":
+        """A Report from :meth:`to_dict`'s content (e.g. a saved ``report.json``; keys that are not fields, such as
+        ``recipe`` or ``layer_sparsity``, are ignored). A missing ``schema`` reads as 1 (saves before it existed).
+        Raises :class:`~fxprune.errors.LoadError` naming ``source`` and the field when the shape is wrong."""
+        fix = "the file is damaged or was not written by fxprune: re-save it with fxprune.save / `fxprune compile`"
+        if not isinstance(data, Mapping):
+            raise LoadError(f"{source}: expected a JSON object, got {_kind(data)}", fix=fix)
+        schema = data.get("schema", 1)
+        if not _is_int(schema) or schema < 1:
+            raise LoadError(f"{source}: field 'schema' must be a positive integer, got {_show(schema)}", fix=fix)
+        if schema > REPORT_SCHEMA:
+            raise LoadError(f"{source}: report schema {schema} is newer than this fxprune reads ({REPORT_SCHEMA})",
+                            fix="upgrade fxprune")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise LoadError(f"{source}: field {f.name!r} is missing", fix=fix)
+                continue
+            check = _REPORT_FIELDS[f.name]
+            value = data[f.name]
+            err = check(value)
+            if err:
+                raise LoadError(f"{source}: field {f.name!r} must be {err}, got {_show(value)}", fix=fix)
+            kwargs[f.name] = value
+        rows = []
+        for i, g in enumerate(kwargs.pop("groups", [])):
+            row = {}
+            for f in fields(GroupRow):
+                if f.name not in g:
+                    if f.default is MISSING:
+                        raise LoadError(f"{source}: field 'groups[{i}].{f.name}' is missing", fix=fix)
+                    continue
+                err = _GROUP_FIELDS[f.name](g[f.name])
+                if err:
+                    raise LoadError(f"{source}: field 'groups[{i}].{f.name}' must be {err}, got {_show(g[f.name])}",
+                                    fix=fix)
+                row[f.name] = g[f.name]
+            if row.get("importance") is not None:
+                row["importance"] = tuple(float(v) for v in row["importance"])
+            rows.append(GroupRow(**row))
+        copied = {k: copy.deepcopy(v) for k, v in kwargs.items()}
+        return cls(groups=rows, **copied)
+
     def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.as_dict(), default=str, **kw)
+        return json.dumps(self.to_dict(), default=str, **kw)
 
     def summary(self) -> str:
         v = {None: "not run", True: "yes", False: "NO"}[self.verified]
@@ -83,7 +151,7 @@ class Report:
             rows.append(f"  {g.id:>5}  {g.kind:<8}  {ch:>13}  {g.members:>7}  {g.label[:40]:<40}  {imp:<24}  "
                         f"{note[:90]}")
         if len(shown) > max_rows:
-            rows.append(f"  ... {len(shown) - max_rows} more groups (Report.as_dict() has all)")
+            rows.append(f"  ... {len(shown) - max_rows} more groups (Report.to_dict() has all)")
         if self.unknown_ops:
             rows.append("  ops without a rule (channels touching them are frozen): " +
                         ", ".join(f"{k} at {', '.join(v[:3])}" for k, v in self.unknown_ops.items()))
@@ -91,3 +159,197 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary() + "\n" + self.table()
+
+
+# ================================================================================================ from_dict checks
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return f"{_kind(v)} {r[:60] + '...' if len(r) > 60 else r}"
+
+
+def _check(pred: Callable[[Any], bool], what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if pred(v) else what
+
+
+def _opt(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or check(v) is None else f"{check(v)} or null"
+
+
+_STR = _check(lambda v: isinstance(v, str), "a string")
+_INT = _check(lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_BOOL = _check(lambda v: isinstance(v, bool), "true or false")
+_NUM = _check(_is_num, "a number")
+_REPORT_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "model": _STR, "tracer": _STR, "dynamic_batch": _BOOL,
+    "params_before": _INT, "params_after": _INT, "macs_before": _INT, "macs_after": _INT,
+    "verified": _opt(_BOOL), "max_abs_diff": _opt(_NUM), "observable": _opt(_BOOL),
+    "groups": _check(lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v), "a list of objects"),
+    "passes": _check(lambda v: isinstance(v, list) and all(isinstance(p, dict) for p in v), "a list of objects"),
+    "unknown_ops": _check(lambda v: isinstance(v, dict) and all(
+        isinstance(x, list) and all(isinstance(n, str) for n in x) for x in v.values()),
+        "an object of lists of node names"),
+    "frozen_by": _check(lambda v: isinstance(v, list) and all(
+        isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v), "a list of objects of strings"),
+    "latency": _check(lambda v: isinstance(v, dict), "an object"),
+    "seconds": _NUM,
+    "timings": _check(lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
+}
+_GROUP_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "id": _INT, "label": _STR, "kind": _STR, "members": _INT, "before": _INT, "after": _INT,
+    "frozen": _opt(_STR),
+    "importance": _opt(_check(lambda v: isinstance(v, list) and len(v) == 3 and all(_is_num(x) for x in v),
+                              "a list of 3 numbers (min, mean, max)")),
+}
+
+
+# ================================================================================================ report.json
+def jsonable(x: Any) -> Any:
+    """``x`` with tuples/sets as lists, numpy and small tensors as numbers/lists, other objects as ``repr``."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist() if x.numel() <= 64 else f"Tensor{tuple(x.shape)}"
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def versions() -> dict[str, str]:
+    """fxprune, torch and Python versions."""
+    from . import __version__
+
+    return {"fxprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` under every name it has (tied tensors appear under each name)."""
+    out: dict[str, torch.Tensor] = {}
+    for n, t in module.named_parameters(remove_duplicate=False):
+        out[n] = t
+    for n, t in module.named_buffers(remove_duplicate=False):
+        out.setdefault(n, t)
+    return out
+
+
+def report_json(compiled: Any, recipe: list[dict[str, Any]] | None = None,
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``report.json``'s content for ``compiled`` (a :class:`~fxprune.Compiled`): :meth:`Report.to_dict` plus
+    ``recipe`` (default: rebuilt from the program's history), ``layer_sparsity`` (with the original shape and kept
+    fraction of each layer when the original model is known), ``versions`` and the keys of ``extra``."""
+    from .recipe import recipe_from_history
+
+    d = compiled.report.to_dict()
+    d["recipe"] = recipe if recipe is not None else recipe_from_history(compiled.program.history)
+    rows = layer_sparsity(compiled.module)
+    source = getattr(compiled.program, "source", None)
+    if source is not None:
+        orig = named_tensors(source)
+        for r in rows:
+            o = orig.get(r["name"])
+            if o is not None:
+                r["orig_shape"] = list(o.shape)
+                r["kept_fraction"] = r["numel"] / max(o.numel(), 1)
+    d["layer_sparsity"] = rows
+    d["versions"] = versions()
+    for k, v in (extra or {}).items():
+        d[k] = v
+    return jsonable(d)
+
+
+# ================================================================================================ graph facts
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d", "_convolution"}
+_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm"}
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _arg(node: fx.Node, i: int, key: str) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key)
+
+
+def graph_facts(module: nn.Module) -> dict[str, Any]:
+    """From a GraphModule's graph: conv weights with their ``groups`` (``conv_groups``), GroupNorm weights with
+    ``num_groups`` (``group_norm_groups``), and the op consuming each conv/linear weight (``weights``)."""
+    conv_groups: dict[str, int] = {}
+    gn_groups: dict[str, int] = {}
+    weights: dict[str, str] = {}
+    graph = getattr(module, "graph", None)
+    for n in (graph.nodes if graph is not None else ()):
+        if n.op != "call_function":
+            continue
+        op = _target_name(n)
+        if op in _CONV_OPS:
+            w = _arg(n, 1, "weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                weights[w.target] = op
+                if op in ("convolution", "_convolution"):
+                    g = _arg(n, 8, "groups")
+                else:
+                    g = _arg(n, 7 if op.startswith("conv_transpose") else 6, "groups")
+                conv_groups[w.target] = int(g) if isinstance(g, int) else 1
+        elif op == "linear":
+            w = _arg(n, 1, "weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                weights[w.target] = op
+        elif op in ("group_norm", "native_group_norm"):
+            g = _arg(n, 1, "num_groups") if op == "group_norm" else _arg(n, 6, "group")
+            w = _arg(n, 2, "weight") if op == "group_norm" else _arg(n, 1, "weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(g, int):
+                gn_groups[w.target] = g
+        elif op in _LINEAR_OPS:
+            for a in n.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    weights.setdefault(a.target, op)
+    return {"conv_groups": conv_groups, "group_norm_groups": gn_groups, "weights": weights}
+
+
+def _named_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    obj: Any = module
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def layer_sparsity(module: nn.Module) -> list[dict[str, Any]]:
+    """Per conv/linear weight of ``module``: its shape and the fraction of exactly-zero weights.
+
+    Weights are found from the graph of a GraphModule (the second argument of conv/linear ops); for other
+    modules, the ``weight`` of every ``nn.Conv*``/``nn.Linear``."""
+    rows: list[dict[str, Any]] = []
+    facts = graph_facts(module)["weights"]
+    if facts:
+        items = [(n, op, _named_tensor(module, n)) for n, op in facts.items()]
+    else:
+        items = [(f"{mn}.weight" if mn else "weight", type(m).__name__, m.weight) for mn, m in module.named_modules()
+                 if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(m.weight, torch.Tensor)]
+    for name, op, t in items:
+        if t is None or t.dim() < 2 or t.is_meta:
+            continue
+        zeros = int((t.detach() == 0).sum())
+        rows.append({"name": name, "op": op, "shape": list(t.shape), "numel": t.numel(), "zeros": zeros,
+                     "sparsity": zeros / max(t.numel(), 1)})
+    return rows

@@ -84,7 +84,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
         )
     kwargs = dict(kwargs or {})
     work = copy.deepcopy(model) if copy_model else model
-    was_training = work.training
+    flags = [(m, m.training) for m in work.modules()]  # each submodule's own flag, restored below
     work.eval()
     try:
         ep = None
@@ -109,7 +109,8 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
         ) from e
     finally:
         if not copy_model:
-            work.train(was_training)
+            for m, was in flags:
+                m.training = was
     gm = ep.module()
     inline_wrapper_hops(gm)
     gm.meta["fxprune_tracer"] = TRACER

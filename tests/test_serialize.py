@@ -13,7 +13,9 @@ import fxprune
 from fxprune import models
 from fxprune.errors import InputError, LoadError
 from fxprune.passes import ChannelPrune, Shrink
-from fxprune.serialize import FILES, layer_sparsity, load, replay, save
+from fxprune.archive import FILES, load, save
+from fxprune.replay import replay
+from fxprune.report import layer_sparsity
 from fxprune.testing import make_observable
 
 
@@ -107,7 +109,7 @@ def test_load_round_trip_in_a_fresh_process(resnet_saved, tmp_path):
     torch.save(want, tmp_path / "want.pt")
     code = textwrap.dedent(f"""
         import torch
-        from fxprune.serialize import load
+        from fxprune.archive import load
         c = load({str(d)!r})
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)
