@@ -17,13 +17,14 @@ in files outside this change; it may only shrink (a fixed entry fails until it i
 
 (b) Cycles: counted over **module-level** imports only (what runs while a module is being imported, including
 ``try``/``if`` blocks at module level). A cycle there makes the result depend on which module is imported first
-(partially initialised modules). Imports inside function bodies run at call time, after every module has
-finished loading; they are the documented way for front doors (save/load, plot) to reach each other, so they do
-not count as cycles there. Layering (a) still sees them, and inside the core every import counts: the
-core must be acyclic even with function-level imports (with (a), any cycle through a core module lies inside the
-core, except through :data:`KNOWN_VIOLATIONS`, so this closes the core to cycles of any kind). Edges go to the imported module itself, not to the
-parent packages Python initialises on the way (``from fxprune.errors import X`` is an edge to ``fxprune.errors``,
-not to the ``fxprune`` facade), otherwise every module would trivially cycle through ``fxprune/__init__``.
+(partially initialised modules). Imports inside function bodies run at call time, after every module has finished
+loading; they are the documented way for front doors (save/load, plot) to reach each other, so they do not count
+as cycles there. Layering (a) still sees them, and inside the core every import counts: the core must be acyclic
+even with function-level imports (with (a), any cycle through a core module lies inside the core, except through
+:data:`KNOWN_VIOLATIONS`, so this closes the core to cycles of any kind). Edges go to the imported module itself,
+not to the parent packages Python initialises on the way (``from fxprune.errors import X`` is an edge to
+``fxprune.errors``, not to the ``fxprune`` facade), otherwise every module would trivially cycle through
+``fxprune/__init__``.
 """
 from __future__ import annotations
 
