@@ -7,28 +7,17 @@ touch, and the report names the node and op. Graph inputs and outputs are frozen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 
 from .errors import AnalysisError
+from .rules import RULES, RuleContext, RuleFn
+from .rules.util import op_name, size_hint
 from .spaces import SpaceConflict, SpaceTable
 
-
-def size_hint(n: Any) -> int:
-    """An int for a static or symbolic (dynamic) size: symbolic sizes give their example value."""
-    if isinstance(n, torch.SymInt):
-        hint = n.node.hint
-        return int(hint) if hint is not None else 2
-    return int(n)
-
-
-def op_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return f"aten.{t.__name__}" if t.namespace == "aten" else str(t)
-    return getattr(t, "__name__", str(t))
+__all__ = ["Analysis", "Analyzer", "MacTerm", "RuleContext", "RuleFn", "analyze_graph", "op_name", "size_hint"]
 
 
 @dataclass
@@ -57,13 +46,11 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
 
-RuleFn = Callable[["Analyzer", fx.Node], None]
-
-
 class Analyzer:
-    """Mutable state while walking one graph; rules call its helpers."""
+    """Mutable state while walking one graph; rules call its helpers (the implementation of
+    :class:`fxprune.rules.RuleContext`)."""
 
-    def __init__(self, gm: fx.GraphModule, rules: dict[Any, RuleFn]):
+    def __init__(self, gm: fx.GraphModule, rules: Mapping[Any, RuleFn]):
         self.gm = gm
         self.rules = rules
         self.t = SpaceTable()
@@ -272,14 +259,16 @@ class Analyzer:
             self.freeze_all(node, "rule produced no output spaces")
 
 
-def analyze_graph(gm: fx.GraphModule) -> Analysis:
-    """Run the dependency analyzer over ``gm`` (an exported GraphModule with FakeTensor metadata)."""
-    from .rules import RULES
+def analyze_graph(gm: fx.GraphModule, rules: Mapping[Any, RuleFn] | None = None) -> Analysis:
+    """Run the dependency analyzer over ``gm`` (an exported GraphModule with FakeTensor metadata).
 
+    ``rules`` replaces the op registry (default: :data:`fxprune.rules.RULES`), e.g. ``{**RULES, op: my_rule}`` to try
+    a rule without registering it globally.
+    """
     for node in gm.graph.nodes:
         if node.op not in ("output", "get_attr") and "val" not in node.meta and node.op != "call_module":
             raise AnalysisError(
                 f"node {node.name!r} has no shape metadata",
                 fix="trace the model with fxprune.trace (torch.export) so every node carries meta['val']",
             )
-    return Analyzer(gm, RULES).run()
+    return Analyzer(gm, RULES if rules is None else rules).run()
