@@ -1,7 +1,9 @@
-"""Shared helpers of the benchmark scripts: subprocess workers, model builders, Torch-Pruning's standard recipe.
+"""Shared helpers of the benchmark scripts: subprocess workers, the corpora (models built by ``fxprune.zoo``),
+Torch-Pruning's standard recipe.
 
 Everything here is random-init (weights=None / pretrained=False / ``from_config``) and offline (HF_HUB_OFFLINE=1).
 Models for fxprune are passed through ``fxprune.testing.make_observable`` so verification can see pruned channels.
+MACs and parameters are counted by the library (``fxprune.flops.count_macs`` / ``count_params``).
 """
 from __future__ import annotations
 
@@ -142,29 +144,6 @@ def leaves(out: Any) -> list:
     return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
 
-def count_params(m) -> int:
-    from fxprune.flops import count_params as cp
-
-    return cp(m)
-
-
-def count_macs(m, args: tuple, kwargs: dict) -> int:
-    """MACs of one forward pass with torch.utils.flop_counter.FlopCounterMode (FLOPs / 2)."""
-    from fxprune.flops import count_macs as cm
-
-    # FlopCounterMode's module tracker registers grad hooks on module inputs; a view of a requires-grad parameter
-    # made under no_grad (timm CaiT's expanded cls_token) has requires_grad but no grad_fn and makes it assert.
-    # Counting needs no autograd, so switch requires_grad off meanwhile (Torch-Pruning needs it back afterwards).
-    flags = [(p, p.requires_grad) for p in m.parameters()] if hasattr(m, "parameters") else []
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        return cm(m, args, kwargs)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
 # --------------------------------------------------------------------------------------------------- torchvision
 
 
@@ -172,16 +151,6 @@ def torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def build_torchvision(name: str, batch: int = 1):
-    """(model, args, kwargs, num_classes). 224x224 input, 299 for inception_v3."""
-    import torch
-    import torchvision
-
-    m = torchvision.models.get_model(name, weights=None).eval()
-    size = 299 if name == "inception_v3" else 224
-    return m, (torch.randn(batch, 3, size, size),), {}, 1000
 
 
 # --------------------------------------------------------------------------------------------------- timm
@@ -255,85 +224,49 @@ def timm_sample(n: int | None = None, cache: Path | None = None) -> list[dict]:
     return picks[:n] if n else picks
 
 
-def build_timm(name: str, batch: int = 1):
-    """(model, args, kwargs, num_classes). The default input size, capped at 224 where the model accepts it."""
-    import timm
-    import torch
-
-    m = timm.create_model(name, pretrained=False).eval()
-    c, h, w = _timm_input_size(name)
-    if max(h, w) > 224:
-        x = torch.randn(batch, c, min(h, 224), min(w, 224))
-        try:
-            with torch.no_grad():
-                m(x)
-        except Exception:
-            try:  # models with a fixed grid (pos-embeds, windows) often take img_size
-                m = timm.create_model(name, pretrained=False, img_size=224).eval()
-                with torch.no_grad():
-                    m(x)
-            except Exception:
-                m = timm.create_model(name, pretrained=False).eval()
-                x = torch.randn(batch, c, h, w)
-    else:
-        x = torch.randn(batch, c, h, w)
-    return m, (x,), {}, getattr(m, "num_classes", 1000)
-
-
 # --------------------------------------------------------------------------------------------------- HF transformers
 
-HF_NAMES = ["llama", "mistral", "qwen2", "gpt2", "opt", "bert", "vit", "swin", "convnext", "mobilevit"]
+# The small HF configs of the sweeps (2 layers, hidden 64, 4 heads, GQA 2 kv heads for decoders, 10-label heads for
+# classifiers, 64x64 images): fxprune.zoo builds them as ``hf:NAME`` with these config overrides and this task.
+_HF_SMALL = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
+_HF_DEC = dict(vocab_size=256, num_key_value_heads=2, use_cache=False, max_position_embeddings=128, **_HF_SMALL)
+HF_SPECS: dict[str, tuple[str, dict]] = {  # name -> (task, config overrides)
+    "llama": ("causal-lm", _HF_DEC),
+    "mistral": ("causal-lm", dict(sliding_window=None, **_HF_DEC)),
+    "qwen2": ("causal-lm", _HF_DEC),
+    "gpt2": ("causal-lm", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, use_cache=False)),
+    "opt": ("causal-lm", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128, use_cache=False)),
+    "bert": ("sequence-classification", dict(vocab_size=256, max_position_embeddings=128, num_labels=10,
+                                             **_HF_SMALL)),
+    "vit": ("image-classification", dict(image_size=64, patch_size=16, num_labels=10, **_HF_SMALL)),
+    "swin": ("image-classification", dict(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1],
+                                          num_heads=[2, 4], window_size=4, num_labels=10)),
+    "convnext": ("image-classification", dict(image_size=64, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2,
+                                              num_labels=10)),
+    "mobilevit": ("image-classification", dict(image_size=64, hidden_sizes=[32, 48, 64],
+                                               neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160], num_labels=10)),
+}
+HF_NAMES = list(HF_SPECS)
 
 
-def build_hf(name: str, batch: int = 1, seq: int = 16):
-    """(model, args, kwargs, num_labels): small configs (2 layers, hidden 64, 4 heads), task heads attached.
+def build(corpus: str, name: str, batch: int = 1, seed: int = 0):
+    """(model, args, kwargs, num_classes) through ``fxprune.zoo.resolve``: torchvision 224x224 (299 for
+    inception_v3); timm at its pretrained input size capped at 224 where the model accepts it (else native); HF from
+    :data:`HF_SPECS` (``input_ids`` batch x 16 or ``pixel_values`` 64x64, by keyword). ``num_classes`` is for
+    Torch-Pruning's ignored heads."""
+    from fxprune import zoo
 
-    Decoders: *ForCausalLM with use_cache=False and input_ids (batch x seq). BERT: ForSequenceClassification.
-    Vision: *ForImageClassification on 64x64 images. 10 labels for classifiers.
-    """
-    import torch
-    import transformers as T
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (batch, seq), generator=g)
-    img = torch.randn(batch, 3, 64, 64, generator=g)
-    small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
-    dec = dict(vocab_size=256, num_key_value_heads=2, use_cache=False, max_position_embeddings=128, **small)
-    lm, seqcls, imgcls = T.AutoModelForCausalLM, T.AutoModelForSequenceClassification, T.AutoModelForImageClassification
-    cfgs: dict[str, tuple] = {
-        "llama": (lambda: T.LlamaConfig(**dec), lm, {"input_ids": ids}),
-        "mistral": (lambda: T.MistralConfig(sliding_window=None, **dec), lm, {"input_ids": ids}),
-        "qwen2": (lambda: T.Qwen2Config(**dec), lm, {"input_ids": ids}),
-        "gpt2": (lambda: T.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                      use_cache=False), lm, {"input_ids": ids}),
-        "opt": (lambda: T.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128,
-                                    use_cache=False), lm, {"input_ids": ids}),
-        "bert": (lambda: T.BertConfig(vocab_size=256, max_position_embeddings=128, num_labels=10, **small), seqcls,
-                 {"input_ids": ids}),
-        "vit": (lambda: T.ViTConfig(image_size=64, patch_size=16, num_labels=10, **small), imgcls,
-                {"pixel_values": img}),
-        "swin": (lambda: T.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
-                                      window_size=4, num_labels=10), imgcls, {"pixel_values": img}),
-        "convnext": (lambda: T.ConvNextConfig(hidden_sizes=[32, 64], depths=[1, 1], num_stages=2, num_labels=10),
-                     imgcls, {"pixel_values": img}),
-        "mobilevit": (lambda: T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64],
-                                                neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160], num_labels=10),
-                      imgcls, {"pixel_values": img}),
-    }
-    make_cfg, auto, kwargs = cfgs[name]
-    cfg = make_cfg()
-    m = auto.from_config(cfg).eval()
-    return m, (), kwargs, getattr(cfg, "num_labels", None)
-
-
-def build(corpus: str, name: str, batch: int = 1):
     if corpus == "torchvision":
-        return build_torchvision(name, batch)
+        m, args, _ = zoo.resolve(f"torchvision:{name}", batch=batch, seed=seed)
+        return m, args, {}, 1000
     if corpus == "timm":
-        return build_timm(name, batch)
+        m, args, _ = zoo.resolve(f"timm:{name}", batch=batch, seed=seed, max_image_size=224)
+        return m, args, {}, getattr(m, "num_classes", 1000)
     if corpus == "hf":
-        return build_hf(name, batch)
+        task, overrides = HF_SPECS[name]
+        m, args, _ = zoo.resolve(f"hf:{name}", batch=batch, seq=16, seed=seed, task=task, overrides=overrides)
+        return m, (), {m.main_input_name: args[0]}, getattr(m.config, "num_labels", None)  # by keyword, as HF
     raise ValueError(f"unknown corpus {corpus!r}")
 
 

@@ -18,8 +18,9 @@ Status per (model, library):
   trace-fail       fxprune: TraceError; TP: DependencyGraph construction failed
   error            anything else (incl. "Timeout: ..." after --timeout s and crashed workers)
 
-Inputs: torchvision 1x3x224x224 (299 for inception_v3); timm: the default input size of the pretrained cfg, capped
-at 224 where the model accepts it; HF: small configs (2 layers, hidden 64, 4 heads), input_ids 1x16 / 1x3x64x64.
+Models and inputs come from ``fxprune.zoo`` (``_common.build``): torchvision 1x3x224x224 (299 for inception_v3);
+timm: the default input size of the pretrained cfg, capped at 224 where the model accepts it; HF: the small configs of
+``_common.HF_SPECS`` (2 layers, hidden 64, 4 heads), input_ids 1x16 / 1x3x64x64.
 
 Each (model, library) runs in its own subprocess with 1 thread and a time limit; rows are appended to
 ``results/coverage_rows.jsonl`` as they finish (resumable: done rows are skipped unless --fresh) and the summary
@@ -110,6 +111,7 @@ def run_fxprune(corpus: str, name: str) -> dict:
 def run_torch_pruning(corpus: str, name: str) -> dict:
     import torch
 
+    from fxprune.flops import count_macs, count_params
     from fxprune.testing import make_observable
 
     torch.manual_seed(0)
@@ -118,7 +120,7 @@ def run_torch_pruning(corpus: str, name: str) -> dict:
     row: dict = {"lib": "torch-pruning", "verified": "not verified"}
     with torch.no_grad():
         ref = [list(x.shape) for x in C.leaves(m(*args, **kwargs))]
-    p0, c0 = C.count_params(m), C.count_macs(m, args, kwargs)
+    p0, c0 = count_params(m), count_macs(m, args, kwargs)
     t = time.perf_counter()
     try:
         info = C.tp_prune(m, args, kwargs, ncls, ratio=0.5)
@@ -133,7 +135,7 @@ def run_torch_pruning(corpus: str, name: str) -> dict:
             got = [list(x.shape) for x in C.leaves(m(*args, **kwargs))]
     except Exception as e:  # noqa: BLE001
         return {**row, "status": "error", "error": "PrunedModelFails: " + C.first_line(e), "seconds": dt}
-    p1, c1 = C.count_params(m), C.count_macs(m, args, kwargs)
+    p1, c1 = count_params(m), count_macs(m, args, kwargs)
     removed = 1 - p1 / max(p0, 1)
     base = {"params_before": p0, "params_after": p1, "macs_before": c0, "macs_after": c1, "params_removed": removed,
             "macs_removed": 1 - c1 / max(c0, 1), "seconds": dt}

@@ -7,16 +7,15 @@
 
 MODEL: a reference model name (``fxprune.models.names()``), ``torchvision:NAME``, ``timm:NAME``, ``hf:NAME``
 (a transformers model type such as ``llama``, ``gpt2``, ``bert``, built from a small config, random init) or
-``path/to/file.py:factory``. Progress goes to stderr (``--quiet`` silences it, ``--json`` makes it JSON lines and
-prints one JSON document on stdout). Exit codes: 0 ok, 2 bad usage (unknown command/option/model, bad recipe or
-input shape), 1 failure (a one-line reason; ``--debug`` shows the traceback). See docs/cli.md.
+``path/to/file.py:factory``, resolved by :func:`fxprune.zoo.resolve`. Progress goes to stderr (``--quiet`` silences
+it, ``--json`` makes it JSON lines and prints one JSON document on stdout). Exit codes: 0 ok, 2 bad usage (unknown
+command/option/model, bad recipe or input shape), 1 failure (a one-line reason; ``--debug`` shows the traceback).
+See docs/cli.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -27,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import BackendUnavailableError, LoadError, RecipeError
+from .errors import BackendUnavailableError, InputError, LoadError, RecipeError
 from .progress import Progress
 
 DEMO_MODEL = "resnet56"  # CIFAR ResNet-56 (0.85M params, 32x32): the whole demo takes about a minute on 2 cores
@@ -38,59 +37,31 @@ class UsageError(Exception):
 
 
 # ============================================================================================ models and inputs
-_HF_SMALL = {  # applied when the config has the attribute: a small random-init model that compiles in seconds
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
-    "hidden_size": 128, "n_embd": 128, "d_model": 128,
-    "intermediate_size": 256, "n_inner": 256, "ffn_dim": 256, "d_ff": 256,
-    "num_attention_heads": 4, "n_head": 4, "num_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 512, "n_positions": 512,
-}
-
-
 def parse_shape(text: str) -> list[tuple[int, ...]]:
-    """``"2,3,224,224"`` -> [(2, 3, 224, 224)]; several inputs separated by ``;`` or ``:``."""
-    shapes = []
-    for part in re.split(r"[;:]", text.strip()):
-        part = part.strip().strip("()[]")
-        if not part:
-            continue
-        try:
-            dims = tuple(int(x) for x in part.split(","))
-        except ValueError:
-            raise UsageError(f"bad --input-shape {text!r}: expected integers like 2,3,224,224") from None
-        if not dims or any(d < 1 for d in dims):
-            raise UsageError(f"bad --input-shape {text!r}: every dim must be a positive integer")
-        shapes.append(dims)
-    if not shapes:
-        raise UsageError(f"bad --input-shape {text!r}: expected e.g. 2,3,224,224")
-    return shapes
+    """``"2,3,224,224"`` -> [(2, 3, 224, 224)]; several inputs separated by ``;`` or ``:``
+    (:func:`fxprune.zoo.parse_shape`; a bad shape is a usage error)."""
+    from .zoo import parse_shape as parse
+
+    try:
+        return parse(text)
+    except InputError as e:
+        raise UsageError(str(e).replace("bad input shape", "bad --input-shape")) from None
 
 
-def _random_inputs(shapes: list[tuple[int, ...]], seed: int, *, int_high: int | None = None) -> tuple:
-    import torch
+def resolve_model(spec: str, *, size: str = "full", input_shape: str | None = None, seed: int = 0,
+                  hf_config: Sequence[str] = (), hf_task: str | None = None) -> tuple[Any, tuple, str]:
+    """``(model in eval mode, example inputs, label)`` for a MODEL argument: :func:`fxprune.zoo.resolve` at batch 2
+    (a dynamic batch in the program and the ONNX files); an unknown name or a bad option is a usage error."""
+    from . import zoo
 
-    g = torch.Generator().manual_seed(seed)
-    if int_high is not None:
-        return tuple(torch.randint(0, int_high, s, generator=g) for s in shapes)
-    return tuple(torch.randn(s, generator=g) for s in shapes)
-
-
-def _like(example: tuple, shapes: list[tuple[int, ...]], seed: int) -> tuple:
-    """Random inputs of ``shapes`` with the dtypes (and integer ranges) of ``example``."""
-    import torch
-
-    if len(shapes) != len(example):
-        raise UsageError(f"--input-shape gives {len(shapes)} input(s), the model takes {len(example)}")
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for x, s in zip(example, shapes):
-        if x.is_floating_point():
-            out.append(torch.randn(s, generator=g).to(x.dtype))
-        else:
-            out.append(torch.randint(0, int(x.max()) + 1, s, generator=g).to(x.dtype))
-    return tuple(out)
+    shapes = parse_shape(input_shape) if input_shape else None
+    if (hf_config or hf_task) and not spec.startswith("hf:"):
+        raise UsageError(f"--hf-config and --hf-task apply to hf: models, not {spec!r}")
+    try:
+        return zoo.resolve(spec, batch=2, size=size, input_shape=shapes, seed=seed, overrides=hf_config,
+                           task=hf_task)
+    except InputError as e:  # unknown name (with a did-you-mean), missing file or factory, bad option
+        raise UsageError(str(e).replace("the input shape gives", "--input-shape gives")) from None
 
 
 def _load_weights(model: Any, path: str) -> None:
@@ -124,160 +95,6 @@ def _load_weights(model: Any, path: str) -> None:
         raise LoadError(f"{path} does not match the model: {len(res.missing_keys)} missing keys (e.g. "
                         f"{res.missing_keys[:2]}), {len(res.unexpected_keys)} unexpected (e.g. "
                         f"{res.unexpected_keys[:2]})", fix="pass weights saved from this architecture")
-
-
-def resolve_model(spec: str, *, size: str = "full", input_shape: str | None = None, seed: int = 0,
-                  hf_config: Sequence[str] = ()) -> tuple[Any, tuple, str]:
-    """``(model in eval mode, example inputs, label)`` for a MODEL argument (see the module doc)."""
-    import torch
-
-    from . import models
-
-    shapes = parse_shape(input_shape) if input_shape else None
-    torch.manual_seed(seed)
-    if spec in models.names():
-        batch = shapes[0][0] if shapes else 2
-        try:
-            model, inputs = models.get(spec, size=size, seed=seed, batch=batch)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if shapes:
-            inputs = _like(inputs, shapes, seed)
-        return model.eval(), tuple(inputs), f"{spec} ({size})"
-    kind, _, name = spec.partition(":")
-    if kind == "torchvision" and name:
-        try:
-            import torchvision
-        except ImportError as e:
-            raise BackendUnavailableError("torchvision is not installed", fix="pip install 'fxprune[zoo]'") from e
-        valid = torchvision.models.list_models()
-        if name not in valid:
-            raise UsageError(f"unknown torchvision model {name!r}{_close(name, valid)}")
-        model = torchvision.models.get_model(name, weights=None)
-        return model.eval(), _random_inputs(shapes or [(2, 3, 224, 224)], seed), spec
-    if kind == "timm" and name:
-        try:
-            import timm
-        except ImportError as e:
-            raise BackendUnavailableError("timm is not installed", fix="pip install 'fxprune[zoo]'") from e
-        if not timm.is_model(name):
-            raise UsageError(f"unknown timm model {name!r}{_close(name, timm.list_models())}")
-        model = timm.create_model(name, pretrained=False)
-        if shapes is None:
-            size_ = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-            shapes = [(2, *size_)]
-        return model.eval(), _random_inputs(shapes, seed), spec
-    if kind == "hf" and name:
-        return _hf_model(name, shapes, seed, hf_config)
-    if ".py:" in spec or spec.endswith(".py"):
-        return _file_model(spec, shapes, seed)
-    raise UsageError(f"unknown model {spec!r}: use a reference model ({', '.join(models.names())}), "
-                     f"torchvision:NAME, timm:NAME, hf:NAME or path/to/file.py:factory")
-
-
-def _close(name: str, valid: Sequence[str]) -> str:
-    import difflib
-
-    m = difflib.get_close_matches(name, list(valid), n=3)
-    return f" (did you mean {', '.join(m)}?)" if m else ""
-
-
-def _coerce(v: str) -> Any:
-    for f in (int, float):
-        try:
-            return f(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None, "null": None}.get(v.lower(), v)
-
-
-def _hf_model(name: str, shapes: list | None, seed: int, overrides: Sequence[str]) -> tuple[Any, tuple, str]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-        from transformers import AutoConfig
-    except ImportError as e:
-        raise BackendUnavailableError("transformers is not installed", fix="pip install 'fxprune[zoo]'") from e
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if name in CONFIG_MAPPING:
-        cfg = AutoConfig.for_model(name)
-        for k, v in _HF_SMALL.items():
-            if hasattr(cfg, k) and not isinstance(getattr(cfg, k), (list, dict)):
-                setattr(cfg, k, v)
-        if hasattr(cfg, "head_dim") and getattr(cfg, "head_dim", None):
-            heads = getattr(cfg, "num_attention_heads", None)
-            hidden = getattr(cfg, "hidden_size", None)
-            if heads and hidden:
-                cfg.head_dim = hidden // heads
-    else:
-        try:
-            cfg = AutoConfig.from_pretrained(name)
-        except Exception:
-            raise UsageError(f"unknown transformers model type {name!r}{_close(name, list(CONFIG_MAPPING))} (a "
-                             f"model type such as llama, gpt2, bert, or a local config folder)") from None
-    for item in overrides:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise UsageError(f"--hf-config expects KEY=VALUE, got {item!r}")
-        setattr(cfg, k.strip(), _coerce(v.strip()))
-    if hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
-    import torch
-
-    torch.manual_seed(seed)
-    model = None
-    errors = []
-    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
-        try:
-            model = getattr(transformers, auto).from_config(cfg)
-            break
-        except (ValueError, KeyError) as e:
-            errors.append(f"{auto}: {str(e).splitlines()[0]}")
-    if model is None:
-        raise UsageError(f"transformers cannot build a model for {name!r}: {'; '.join(errors)}")
-    shape = shapes or [(2, 16)]
-    vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
-    return model.eval(), _random_inputs(shape[:1], seed, int_high=vocab), f"hf:{name} ({type(model).__name__})"
-
-
-def _file_model(spec: str, shapes: list | None, seed: int) -> tuple[Any, tuple, str]:
-    import torch
-    import torch.nn as nn
-
-    path, _, factory = spec.rpartition(":") if not spec.endswith(".py") else (spec, ":", "")
-    if not factory:
-        raise UsageError(f"{spec!r}: name the factory function, e.g. {spec}:build")
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"model file {path!r} does not exist")
-    mod_name = f"_fxprune_user_{re.sub(r'[^0-9a-zA-Z_]', '_', p.stem)}"
-    loaded = importlib.util.spec_from_file_location(mod_name, p)
-    module = importlib.util.module_from_spec(loaded)
-    sys.modules[mod_name] = module  # dataclasses and pickling need the module registered
-    sys.path.insert(0, str(p.resolve().parent))
-    try:
-        loaded.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    fn = getattr(module, factory, None)
-    if fn is None or not callable(fn):
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise UsageError(f"{path} has no callable {factory!r}; it defines {', '.join(names[:12])}")
-    torch.manual_seed(seed)
-    res = fn()
-    inputs = None
-    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], nn.Module):
-        res, inputs = res
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if not isinstance(res, nn.Module):
-        raise UsageError(f"{spec} returned {type(res).__name__}; a factory returns an nn.Module or "
-                         f"(module, example_inputs)")
-    if shapes:
-        inputs = _like(inputs, shapes, seed) if inputs else _random_inputs(shapes, seed)
-    if inputs is None:
-        raise UsageError(f"{spec} returned no example inputs: pass --input-shape")
-    return res.eval(), inputs, f"{p.name}:{factory} ({type(res).__name__})"
 
 
 # ============================================================================================ the pipeline
@@ -447,7 +264,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with _quiet_libraries(args):
         progress.step(f"building {args.model}")
         model, inputs, label = resolve_model(args.model, size=args.size, input_shape=args.input_shape,
-                                             seed=args.seed, hf_config=args.hf_config)
+                                             seed=args.seed, hf_config=args.hf_config,
+                                             hf_task=args.hf_task)
         if args.weights:
             _load_weights(model, args.weights)
             progress.info(f"loaded weights from {args.weights}")
@@ -488,10 +306,12 @@ def _option_docs(cls: type) -> dict[str, str]:
 
 def _pass_rows(only: str | None = None) -> list[dict[str, Any]]:
     from .recipe import pass_options, registry
+    from .zoo import did_you_mean
 
     reg = registry()
     if only is not None and only not in reg:
-        raise UsageError(f"unknown pass {only!r}{_close(only, list(reg))}; registered: {', '.join(sorted(reg))}")
+        raise UsageError(f"unknown pass {only!r}{did_you_mean(only, list(reg))}; registered: "
+                         f"{', '.join(sorted(reg))}")
     rows = []
     for name, cls in sorted(reg.items()):
         if only is not None and name != only:
@@ -551,6 +371,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ============================================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
+    from .zoo import HF_TASKS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable: JSON on stdout, JSON-lines progress")
     common.add_argument("--quiet", action="store_true", help="no progress output on stderr")
@@ -592,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", default=None, help="state_dict to load (.pt/.pth via weights_only, .safetensors)")
     c.add_argument("--size", default="full", choices=["tiny", "full"], help="reference model size (default full)")
     c.add_argument("--hf-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a transformers config field (repeatable)")
+                   help="hf: models: override a transformers config field (repeatable)")
+    c.add_argument("--hf-task", default=None, choices=list(HF_TASKS),
+                   help="hf: models: the head (default: causal-lm, else masked-lm, else base)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("report", parents=[common], help="re-print a saved report")

@@ -99,6 +99,12 @@ def test_usage_errors_exit_2(files, capsys, monkeypatch):
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
     assert main(["compile", "torchvision:resnet5", "--recipe", "recipe.yaml"]) == 2
     assert "did you mean" in capsys.readouterr().err
+    assert main(["compile", "resnet18", "--recipe", "recipe.yaml"]) == 2  # fxprune.zoo's hint: the zoo prefix
+    assert "did you mean torchvision:resnet18?" in capsys.readouterr().err
+    assert main(["compile", "resnet56", "--recipe", "recipe.yaml", "--hf-config", "hidden_size=8"]) == 2
+    assert "apply to hf: models" in capsys.readouterr().err
+    assert main(["compile", "hf:llama", "--recipe", "recipe.yaml", "--hf-config", "num_hiden_layers=1"]) == 2
+    assert "has no field 'num_hiden_layers'" in capsys.readouterr().err
     assert main(["compile", "resnet56", "--recipe", "recipe.yaml", "--input-shape", "2,x,3"]) == 2
     assert "bad --input-shape" in capsys.readouterr().err
     (files / "bad.yaml").write_text("passes:\n  - pass: chanel_prune\n    ratio: 0.5\n")

@@ -1,8 +1,9 @@
-"""Real architectures from torchvision / timm / HuggingFace (random init, small inputs or configs)."""
+"""Real architectures from torchvision / timm / HuggingFace (random init, small inputs or configs; fxprune.zoo)."""
 import pytest
 import torch
 
 import fxprune
+from fxprune import zoo
 from fxprune.passes import ApplyMasks, ChannelPrune, Shrink
 from fxprune.testing import make_observable
 from fxprune.verify import random_like
@@ -29,23 +30,19 @@ def _check(model, args, kwargs=None, ratio=0.5, heads=False):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5",
                                   "efficientnet_b0", "regnet_y_400mf"])
 def test_torchvision(name):
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    _check(tv.models.get_model(name, weights=None), (torch.randn(2, 3, 64, 64),))
+    pytest.importorskip("torchvision")
+    model, x, _ = zoo.resolve(f"torchvision:{name}", input_shape="2,3,64,64")
+    _check(model, x)
 
 
-def _hf(cfg_cls, auto, **kw):
-    T = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = getattr(T, cfg_cls)(**kw)
-    return getattr(T, auto).from_config(cfg)
+def _hf(name, task, **config):
+    pytest.importorskip("transformers")
+    return zoo.resolve(f"hf:{name}", task=task, overrides=config, batch=2, seq=8)
 
 
 def test_hf_llama_gqa_with_attention_mask():
-    m = _hf("LlamaConfig", "AutoModelForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-            tie_word_embeddings=True)
-    ids = torch.randint(0, 128, (2, 8))
+    m, (ids,), _ = _hf("llama", "causal-lm", vocab_size=128, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     mask = torch.ones(2, 8, dtype=torch.long)
     out = _check(m, (), {"input_ids": ids, "attention_mask": mask}, heads=True)
     # q/k/v/o shrank, the tied embedding kept the vocab
@@ -54,17 +51,16 @@ def test_hf_llama_gqa_with_attention_mask():
 
 
 def test_hf_bert_and_gpt2():
-    ids = torch.randint(0, 128, (2, 8))
-    bert = _hf("BertConfig", "AutoModel", vocab_size=128, hidden_size=64, num_hidden_layers=2,
-               num_attention_heads=4, intermediate_size=128)
+    bert, (ids,), _ = _hf("bert", "base", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=128)
     _check(bert, (), {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)})
-    gpt2 = _hf("GPT2Config", "AutoModelForCausalLM", vocab_size=128, n_embd=64, n_layer=2, n_head=4, use_cache=False)
-    _check(gpt2, (ids,))
+    gpt2, ids, _ = _hf("gpt2", "causal-lm", vocab_size=128, n_embd=64, n_layer=2, n_head=4)
+    _check(gpt2, ids)
 
 
 def test_timm_models():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    _check(timm.create_model("resnet18d", pretrained=False), (torch.randn(2, 3, 64, 64),))
-    _check(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64), (torch.randn(2, 3, 64, 64),),
-           heads=True)
+    pytest.importorskip("timm")
+    _check(*zoo.resolve("timm:resnet18d", input_shape="2,3,64,64")[:2])
+    vit, x, _ = zoo.resolve("timm:vit_tiny_patch16_224", overrides={"img_size": 64}, batch=2)
+    assert x[0].shape == (2, 3, 64, 64)
+    _check(vit, x, heads=True)
