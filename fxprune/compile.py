@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -77,14 +78,42 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     Works on meta-device models: nothing is materialised, so pruning of models larger than RAM can be planned.
     """
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = trace(model, args, kwargs, copy_model=_needs_copy(model))
+    gm = trace(model, args, kwargs, copy_model=False)  # analysis never writes to parameters: no copy needed
     return Program(gm, args, kwargs, source=model).groups
 
 
-def _needs_copy(model: nn.Module) -> bool:
-    # analysis never writes to parameters, so a meta-device model needs no (cheap anyway) copy; others are copied
-    # to keep the user's module untouchable by later passes.
-    return not all(p.is_meta for p in model.parameters())
+def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
+    """Give ``gm`` private copies of every tensor it still shares with the user's ``model`` (ties preserved).
+
+    compile traces the user's model without copying it: the traced program reads the user's weights, passes that
+    write weights work on copies (the pass manager) or build new tensors (Shrink), so only what no pass touched is
+    still shared at the end, and only that is copied here. Returns the number of tensors copied."""
+    user = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
+            if not t.is_meta and t.numel()}
+    if not user:
+        return 0
+    memo: dict[int, torch.Tensor] = {}
+    copied = 0
+    with torch.no_grad():
+        for mod in gm.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is None or t.is_meta or not t.numel() or t.untyped_storage().data_ptr() not in user:
+                        continue
+                    if id(t) not in memo:
+                        c = t.detach().clone()
+                        memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                            else c
+                        copied += 1
+                    store[name] = memo[id(t)]
+            for name, t in list(vars(mod).items()):  # lifted constants (plain tensor attributes)
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() and \
+                        t.untyped_storage().data_ptr() in user:
+                    if id(t) not in memo:
+                        memo[id(t)] = t.detach().clone()
+                        copied += 1
+                    setattr(mod, name, memo[id(t)])
+    return copied
 
 
 def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None = None, *,
@@ -109,7 +138,7 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
 
     pm = PassManager(passes, on_pass=timed)  # validates pass objects before the (slow) trace
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = trace(model, args, kwargs)
+    gm = trace(model, args, kwargs, copy_model=False)  # shares the user's weights (read only); see _own_tensors
     t1 = time.perf_counter()
     timings["trace"] = t1 - t0
     program = Program(gm, args, kwargs, source=model)
@@ -124,6 +153,7 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
         final = final.clone(deep=False)
         final.gm = masked_copy(final.gm, final.groups, final.leaf_keep(), final.weight_masks)
         final.stage = Stage.MASKED
+    _own_tensors(final.gm, model)
     report = _report(model, initial_groups, program, final, results, params_before, macs_before, count_flops)
     timings["report"] = time.perf_counter() - t2
     report.timings = {k: round(v, 4) for k, v in timings.items()}

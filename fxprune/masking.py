@@ -283,3 +283,62 @@ class masked_in_place:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+
+@torch.no_grad()
+def masked_view(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.ndarray],
+                weight_masks: dict[str, torch.Tensor], *, keep: ParamKeep | None = None) -> fx.GraphModule:
+    """A module computing exactly what :func:`masked_copy` computes, without copying any weight.
+
+    It shares every parameter and buffer with ``gm``; its graph multiplies each masked parameter by 0/1 keep
+    vectors (one per pruned dim, shaped to broadcast) and by its fine-grained mask where it is read (``w * 1 == w``
+    and ``w * 0 == 0`` exactly for finite weights, so the values equal the zeroed copy's). Extra memory: the
+    masks, plus one masked weight at a time while it runs. For verification of a shrunk module against the masked
+    program on models too large to copy.
+    """
+    keep = param_keep(groups, leaf_keep) if keep is None else keep
+    roles = groups.analysis.param_roles
+    alias = groups.analysis.param_alias
+    graph = copy.deepcopy(gm.graph)
+    out = fx.GraphModule(gm, graph)  # shares gm's submodules, parameters and buffers
+    out.meta = dict(gm.meta)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(out, attr, getattr(gm, attr))
+    n_masks = 0
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        canon = alias.get(node.target, node.target)
+        t = getattr(_owner(gm, node.target)[0], node.target.rsplit(".", 1)[-1], None)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        factors: list[torch.Tensor] = []
+        dims = keep.get(canon, [])
+        if "no_zero" not in roles.get(canon, set()):
+            for d, k in enumerate(dims):
+                if k is None or k.all():
+                    continue
+                shape = [1] * t.dim()
+                shape[d] = len(k)
+                factors.append(torch.from_numpy(k.astype(np.float32)).to(t.dtype).reshape(shape))
+        wm = weight_masks.get(node.target, weight_masks.get(canon))
+        if wm is not None:
+            factors.append(wm.to(t.dtype))
+        if not factors:
+            continue
+        users = list(node.users)
+        cur: fx.Node = node
+        for f in factors:
+            name = f"_fxprune_mask_{n_masks}"
+            n_masks += 1
+            out.register_buffer(name, f, persistent=False)
+            with graph.inserting_after(cur):
+                mnode = graph.get_attr(name)
+            with graph.inserting_after(mnode):
+                cur = graph.call_function(torch.ops.aten.mul.Tensor, (cur, mnode))
+        for u in users:
+            u.replace_input_with(node, cur)
+    graph.lint()
+    out.recompile()
+    return out

@@ -6,8 +6,8 @@ import torch
 
 from fxprune.analyzer import size_hint
 from fxprune.errors import PassError, VerificationError
-from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, param_keep, rewrite_shape_constants,
-                             shrunk_copy)
+from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, masked_view, param_keep,
+                             rewrite_shape_constants, shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program, Stage
 from fxprune.records import ShrinkRecord
@@ -66,7 +66,7 @@ class Shrink(Pass):
         if on_meta:
             stats.update({"verified": None, "verify_skipped": "meta-device model: no values to compare"})
         elif self.verify and ctx.verify:
-            masked = masked_copy(src, gs, leaf_keep, program.weight_masks, keep=keep)
+            masked = masked_view(src, gs, leaf_keep, program.weight_masks, keep=keep)  # no weight copies
             rtol = self.rtol if self.rtol is not None else ctx.rtol
             res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense)
             del masked
