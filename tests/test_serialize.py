@@ -5,6 +5,7 @@ import sys
 import textwrap
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from fxprune.errors import InputError, LoadError
 from fxprune.passes import ChannelPrune, Shrink
 from fxprune.archive import FILES, load, save
 from fxprune.replay import replay
-from fxprune.report import layer_sparsity
+from fxprune.report import Report, layer_sparsity
 from fxprune.testing import make_observable
 
 
@@ -181,3 +182,132 @@ def test_load_refuses_pickled_objects(resnet_saved, tmp_path):
     torch.save({"x": torch.ones(1)}, bad / "weights.pt")  # damaged weights: replay refuses
     with pytest.raises(LoadError, match="model has no tensor|saved program has no tensor"):
         replay(models.get("resnet56", size="tiny")[0], bad)
+
+
+# ============================================================================================ recorded indices
+class Twin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _twin(seed=0):
+    """conv1's filters 0 and 1 are identical, with identical BatchNorm parameters and statistics: only the
+    recorded indices can tell which one the pruning kept (conv2 reads them with different weights)."""
+    torch.manual_seed(seed)
+    m = make_observable(Twin().eval(), seed=seed)
+    with torch.no_grad():
+        for t in (m.conv1.weight, m.conv1.bias, m.bn1.weight, m.bn1.bias, m.bn1.running_mean, m.bn1.running_var):
+            t[1] = t[0]
+    return m
+
+
+def _keep_channel_1(group, program):
+    scores = np.arange(group.size, dtype=np.float64)
+    scores[1] = group.size + 1.0  # channel 1 is the most important, channel 0 the least
+    return scores
+
+
+def test_two_identical_channels_keep_the_recorded_one(tmp_path):
+    model = _twin()
+    x = torch.randn(2, 3, 8, 8)
+    out = fxprune.compile(model, (x,), passes=[ChannelPrune(ratio=0.5, importance=_keep_channel_1), Shrink()])
+    d = save(out, tmp_path / "twin", plot=False)
+    keep = json.loads((d / "keep.json").read_text())
+    assert keep["method"] == "recorded"
+    k = keep["params"]["conv1.weight"]
+    assert k["status"] == "recorded" and 1 in k["keep"][0] and 0 not in k["keep"][0]
+    assert keep["params"]["conv2.weight"]["keep"][1] == k["keep"][0]
+    assert keep["params"]["bn1.running_mean"]["keep"][0] == k["keep"][0]
+    y = torch.randn(3, 3, 8, 8)
+    for source in (d, out):  # a folder, or the Compiled in memory
+        mine = replay(_twin(), source, weights="model")
+        with torch.no_grad():
+            assert torch.equal(mine.eval()(y), out.module(y))
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output projection (embedding == lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.fc = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(self.fc2(torch.relu(self.fc(self.emb(i)))))
+
+
+def test_tied_parameters_have_keep_entries_under_every_name(tmp_path):
+    ids = torch.tensor([[4, 9, 3, 0, 3], [9, 7, 3, 7, 1]])
+    torch.manual_seed(0)
+    out = fxprune.compile(Tied(), (ids,), passes=[ChannelPrune(ratio=0.5), Shrink()])
+    d = save(out, tmp_path / "tied", plot=False)
+    params = json.loads((d / "keep.json").read_text())["params"]
+    assert params["emb.weight"] == params["head.weight"] and params["emb.weight"]["keep"][1] is not None
+    assert params["head.weight"]["shape"] == list(out.module.head.weight.shape)
+    torch.manual_seed(0)
+    same = Tied()
+    for weights in ("saved", "model"):
+        for source in (d, out):
+            pruned = replay(same, source, weights=weights)
+            assert pruned.head.weight is pruned.emb.weight and pruned.emb.embedding_dim == pruned.head.in_features
+            with torch.no_grad():
+                assert torch.equal(pruned(ids), out.module(ids))
+
+
+def test_replay_accepts_a_compiled_in_memory(net_saved):
+    out, _, _ = net_saved
+    pruned = replay(_net(seed=3), out)
+    y = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(y), out.module(y), atol=1e-6, rtol=1e-5)
+    with pytest.raises(LoadError, match="was made from a Net"):
+        replay(models.get("resnet56", size="tiny")[0], out)
+    with pytest.raises(InputError, match="save folder or a Compiled"):
+        replay(_net(), 42)
+
+
+def test_two_shrinks_compose_their_indices(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    passes = [ChannelPrune(ratio=0.25, importance=_keep_channel_1), Shrink(),
+              ChannelPrune(ratio=0.25, importance=_keep_channel_1), Shrink()]
+    out = fxprune.compile(_twin(), (x,), passes=passes)
+    assert out.module.conv1.weight.shape[0] < 6
+    d = save(out, tmp_path / "twice", plot=False)
+    k = json.loads((d / "keep.json").read_text())["params"]["conv1.weight"]
+    # the first Shrink keeps 1, 3..7 (drops the lowest scores, 0 and 2); the second drops its own channel 0 (= 1)
+    assert k["orig_shape"][0] == 8 and k["keep"][0] == [3, 4, 5, 6, 7]
+    assert len(k["keep"][0]) == out.module.conv1.weight.shape[0]
+    loaded = load(d)  # a loaded program carries the indices too: it saves and replays the same way
+    assert fxprune.archive.kept_indices(loaded)["params"]["conv1.weight"] == k
+    y = torch.randn(3, 3, 8, 8)
+    for source in (d, out, loaded):
+        with torch.no_grad():
+            assert torch.equal(replay(_twin(), source, weights="model").eval()(y), out.module(y))
+
+
+def test_report_to_dict_and_back(net_saved):
+    out, d, _ = net_saved
+    data = json.loads((d / "report.json").read_text())
+    assert data["schema"] == 1 and out.report.to_dict()["schema"] == 1
+    assert out.report.as_dict() == out.report.to_dict()
+    back = Report.from_dict(data)
+    assert back.summary() == out.report.summary() and back.table() == out.report.table()
+    assert Report.from_dict(json.loads(out.report.to_json())).groups == out.report.groups
+    with pytest.raises(LoadError, match="report: field 'verified' must be true or false or null"):
+        Report.from_dict({**data, "verified": "yes"})
+    with pytest.raises(LoadError, match="report: field 'model' is missing"):
+        Report.from_dict({k: v for k, v in data.items() if k != "model"})
