@@ -234,14 +234,17 @@ class SaveFolder:
     def report(self) -> Report:
         return Report.from_dict(self.json("report"), source=str(self.path("report")))
 
-    def keep(self) -> dict[str, Any]:
-        """keep.json's ``params``, every entry checked (shapes, integer indices in range, strictly increasing)."""
+    def keep(self, recorded_only: bool | None = None) -> dict[str, Any]:
+        """keep.json's ``params``, every entry checked (shapes, integer indices in range, strictly increasing).
+        ``recorded_only`` (default: format 2 folders): refuse entries whose status is not ``"recorded"``."""
         p = self.path("keep")
         data = self.json("keep")
         if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
             raise LoadError(f"{p}: expected an object with 'params' (an object by parameter name)", fix=_RESAVE)
+        if recorded_only is None:
+            recorded_only = self.format >= 2
         for name, entry in data["params"].items():
-            check_keep_entry(name, entry, str(p))
+            check_keep_entry(name, entry, str(p), recorded_only=recorded_only)
         return data["params"]
 
 
@@ -291,10 +294,10 @@ def _read_manifest(d: Path) -> dict[str, Any]:
     return m
 
 
-def check_keep_entry(name: str, entry: Any, where: str = "keep.json") -> None:
+def check_keep_entry(name: str, entry: Any, where: str = "keep.json", *, recorded_only: bool = True) -> None:
     """Raise :class:`LoadError` naming ``name`` unless ``entry`` (one parameter of keep.json) is well formed:
     ``orig_shape`` non-negative ints, ``keep`` one item per dim, each ``null`` or strictly increasing integer
-    indices within the dim, ``shape`` (when given) the kept counts."""
+    indices within the dim, ``shape`` (when given) the kept counts, and (``recorded_only``) status ``recorded``."""
     def fail(what: str) -> LoadError:
         return LoadError(f"{where}: parameter {name!r}: {what}", fix=_RESAVE)
 
@@ -303,7 +306,13 @@ def check_keep_entry(name: str, entry: Any, where: str = "keep.json") -> None:
     orig = entry.get("orig_shape")
     if not isinstance(orig, list) or not all(_is_int(s) and s >= 0 for s in orig):
         raise fail(f"'orig_shape' must be a list of non-negative integers, got {orig!r:.80}")
+    if recorded_only and entry.get("status", "recorded") != "recorded":
+        raise LoadError(f"{where}: parameter {name!r}: status {entry.get('status')!r}: the indices were not recorded "
+                        f"by Shrink (a save of an older fxprune, which guessed them by matching values)",
+                        fix="save the compiled program again with this fxprune, or replay with weights='saved'")
     keep = entry.get("keep")
+    if keep is None and not recorded_only:
+        return  # an older save could not find this parameter's indices; weights='saved' needs only the shapes
     if not isinstance(keep, list) or len(keep) != len(orig):
         raise fail(f"'keep' must be a list with one item per dim ({len(orig)}), got {keep!r:.80}")
     for d, k in enumerate(keep):
@@ -314,9 +323,11 @@ def check_keep_entry(name: str, entry: Any, where: str = "keep.json") -> None:
         bad = [i for i in k if not 0 <= i < orig[d]]
         if bad:
             raise fail(f"index {bad[0]} of dim {d} is out of range for size {orig[d]}")
-        if len(set(k)) != len(k):
-            dup = next(i for i in k if k.count(i) > 1)
-            raise fail(f"index {dup} of dim {d} is listed twice")
+        seen: set[int] = set()
+        for i in k:
+            if i in seen:
+                raise fail(f"index {i} of dim {d} is listed twice")
+            seen.add(i)
         if any(a >= b for a, b in zip(k, k[1:])):
             raise fail(f"the indices of dim {d} are not in increasing order")
     shape = entry.get("shape")
@@ -324,9 +335,6 @@ def check_keep_entry(name: str, entry: Any, where: str = "keep.json") -> None:
         want = [s if k is None else len(k) for s, k in zip(orig, keep)]
         if shape != want:
             raise fail(f"'shape' {shape!r:.80} differs from the kept indices' {want}")
-    if entry.get("status", "recorded") != "recorded":
-        raise fail(f"status {entry.get('status')!r}: the indices were not recorded by Shrink (a save of an older "
-                   f"fxprune, which guessed them by matching values)")
 
 
 def read_report(folder: str | os.PathLike) -> dict[str, Any]:
@@ -448,8 +456,9 @@ def _allowed_target(t: Any) -> bool:
 
 def _check_graph(ep: Any, path: Path) -> None:
     """Every node of every graph must call an operator (ATen/registered op, higher-order op, symbolic-shape
-    helper): a crafted program.json can name any callable reachable from ``torch`` (``torch.serialization.os.
-    system``), and running the module would call it."""
+    helper). A crafted ``models/model.json`` can name any callable reachable from ``torch`` (e.g.
+    ``torch.serialization.os.system``) as a node target; torch's own verifier refuses those today, and this check
+    keeps refusing them whatever verifier the archive asks for, before the module ever runs."""
     fix = "the program was not written by torch.export.save from an exported program; do not run it"
     for owner, gm in ep.graph_module.named_modules():
         if not isinstance(gm, fx.GraphModule):
@@ -621,15 +630,17 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _commit(tmp: Path, d: Path, written: list[str]) -> None:
-    """Move a complete save from ``tmp`` to ``d``: one rename when ``d`` is absent or empty; otherwise the old
-    manifest goes first (the old save stops loading), then each file, then the new manifest (the new save loads)."""
-    try:
-        os.rename(tmp, d)  # absent or empty folder: atomic
-        _fsync_dir(d.parent)
-        return
-    except OSError:
-        if not d.is_dir():
-            raise
+    """Move a complete save from ``tmp`` to ``d``: one rename when ``d`` does not exist; otherwise the old
+    manifest goes first (the old save stops loading), then each file, then the new manifest (the new save loads).
+    (An existing folder, even empty, is never replaced as a whole: it may be someone's working directory.)"""
+    if not d.exists():
+        try:
+            os.rename(tmp, d)
+            _fsync_dir(d.parent)
+            return
+        except OSError:
+            if not d.is_dir():  # not a race with another process creating it
+                raise
     manifest = FILES["manifest"]
     with_manifest = d / manifest
     if with_manifest.exists():
@@ -676,6 +687,7 @@ def save(compiled: Any, folder: str | os.PathLike, *, recipe: Sequence[Any] | No
                              "fxprune.replay(model, compiled, weights='model') applies their pruning)")
     d = Path(folder)
     _check_target(d)
+    real = d.resolve()  # a symlink to a folder: save into its target (the temporary folder is the target's sibling)
     args, kwargs = tuple(program.args), dict(program.kwargs)
     if recipe is None:
         rec = recipe_from_history(program.history)
@@ -683,8 +695,8 @@ def save(compiled: Any, folder: str | os.PathLike, *, recipe: Sequence[Any] | No
         items = list(recipe)
         rec = dump_recipe(items) if items and isinstance(items[0], Pass) else [dict(i) for i in items]
 
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.fxprune-", suffix=".tmp", dir=d.parent))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.fxprune-", suffix=".tmp", dir=real.parent))
     written: list[str] = []
     sums: dict[str, dict[str, Any]] = {}
 
@@ -751,7 +763,7 @@ def save(compiled: Any, folder: str | os.PathLike, *, recipe: Sequence[Any] | No
         put_file("markdown")
         manifest["files"] = dict(sums)
         put("manifest", _json_bytes(manifest))
-        _commit(tmp, d, written)
+        _commit(tmp, real, written)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return d
@@ -769,7 +781,14 @@ def load(folder: str | os.PathLike, *, check: bool = True) -> Compiled:
     args, kwargs = f.inputs()
     rep = f.report()
     history = f.history()
-    record = _record_from_keep(f.keep()) if f.exists("keep") else None
+    record = None
+    if f.exists("keep"):
+        try:
+            record = _record_from_keep(f.keep(recorded_only=True))
+        except LoadError:
+            if f.format >= 2:
+                raise
+            # format 1 (an older fxprune) could hold indices guessed by value matching: load without them
     ref = f.outputs() if check else None
     f.verify()
     module = ep.module()

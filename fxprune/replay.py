@@ -60,14 +60,15 @@ class _Pruning:
         return self._outputs()
 
 
-def _from_folder(folder: str | os.PathLike) -> _Pruning:
+def _from_folder(folder: str | os.PathLike, weights: str) -> _Pruning:
     f = SaveFolder(folder)
     m = f.manifest
     outputs = f.outputs()
     return _Pruning(where=f"the saved program ({f.dir})", made_from="was saved from",
                     model_class=m.get("model_class"),
                     facts={"conv_groups": m["conv_groups"], "group_norm_groups": m["group_norm_groups"]},
-                    weights=f.weights(), keep=f.keep(), inputs=f.inputs(), _outputs=lambda: outputs,
+                    weights=f.weights(), keep=f.keep(recorded_only=True if weights == "model" else None),
+                    inputs=f.inputs(), _outputs=lambda: outputs,
                     verify=f.verify)
 
 
@@ -174,6 +175,8 @@ def _checked_shapes(p: _Pruning, model: nn.Module, cls: str) -> None:
         if orig != tuple(t.shape):
             raise LoadError(f"parameter {name!r}: the model has shape {tuple(t.shape)}, the pruning was recorded "
                             f"on {orig}", fix=fix)
+        if entry.get("keep") is None:  # an older save without indices for it (weights='saved' only)
+            continue
         want = tuple(s if k is None else len(k) for s, k in zip(orig, entry["keep"]))
         if saved != want:
             raise LoadError(f"parameter {name!r}: {p.where} has shape {saved}, its kept indices give {want}",
@@ -216,7 +219,7 @@ def replay(model: nn.Module, pruned: Any, *, weights: str = "saved", inplace: bo
             raise InputError("the compiled program lives on the meta device: it has no weights to replay",
                              fix="replay(model, compiled, weights='model') slices the model's own weights")
     elif isinstance(pruned, (str, os.PathLike)):
-        p = _from_folder(pruned)
+        p = _from_folder(pruned, weights)
     else:
         raise InputError(f"replay needs a save folder or a Compiled, got {type(pruned).__name__}",
                          fix="fxprune.replay(MyNet(), 'pruned/') or fxprune.replay(MyNet(), fxprune.compile(...))")

@@ -202,7 +202,8 @@ _REPORT_FIELDS: dict[str, Callable[[Any], str | None]] = {
         isinstance(x, list) and all(isinstance(n, str) for n in x) for x in v.values()),
         "an object of lists of node names"),
     "frozen_by": _check(lambda v: isinstance(v, list) and all(
-        isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v), "a list of objects of strings"),
+        isinstance(r, dict) and all(isinstance(x, str) for x in r.values()) for r in v),
+        "a list of objects of strings"),
     "latency": _check(lambda v: isinstance(v, dict), "an object"),
     "seconds": _NUM,
     "timings": _check(lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
