@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from .archive import SaveFolder, _close, _out_leaves, _run, check_keep_entry, kept_indices
 from .errors import InputError, LoadError
@@ -80,13 +81,17 @@ def _from_compiled(compiled: Any) -> _Pruning:
     for name, entry in keep.items():
         check_keep_entry(name, entry, "the compiled program's Shrink records")
 
-    def outputs() -> list[torch.Tensor]:
+    def outputs() -> list[torch.Tensor]:  # meta tensors for a meta-device program: only shapes are compared
         return _out_leaves(_run(module, args, kwargs))
 
+    def real(t: Any) -> Any:  # a planned (meta-device) program: run the real model on zeros of the same shapes
+        return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) and t.is_meta else t
+
+    run_args, run_kwargs = tree_map(real, (args, kwargs))
     return _Pruning(where="the compiled program", made_from="was made from",
                     model_class=type(source).__name__ if source is not None else compiled.report.model,
                     facts=graph_facts(module), weights={n: t.detach() for n, t in named_tensors(module).items()},
-                    keep=keep, inputs=(args, kwargs), _outputs=outputs)
+                    keep=keep, inputs=(tuple(run_args), dict(run_kwargs)), _outputs=outputs)
 
 
 # ================================================================================================ module attributes

@@ -311,3 +311,17 @@ def test_report_to_dict_and_back(net_saved):
         Report.from_dict({**data, "verified": "yes"})
     with pytest.raises(LoadError, match="report: field 'model' is missing"):
         Report.from_dict({k: v for k, v in data.items() if k != "model"})
+
+
+def test_replay_applies_a_meta_device_plan_to_a_real_model():
+    with torch.device("meta"):
+        planned = Twin()
+    out = fxprune.compile(planned, (torch.randn(2, 3, 8, 8, device="meta"),),
+                          passes=[ChannelPrune(ratio=0.5, importance=_keep_channel_1), Shrink()])
+    real = _twin()
+    mine = replay(real, out, weights="model")
+    assert mine.conv1.out_channels == out.module.conv1.weight.shape[0] == 4 and real.conv1.out_channels == 8
+    keep = fxprune.archive.kept_indices(out)["params"]["conv1.weight"]["keep"][0]
+    assert torch.equal(mine.conv1.weight, real.conv1.weight[keep])
+    with pytest.raises(InputError, match="meta device"):
+        replay(_twin(), out)
