@@ -135,10 +135,14 @@ def _os_system_node(entries, root, marker):
     entries[name] = json.dumps(m).encode()
 
 
+def _old_layout(entries, root, marker):
+    entries["version"] = b"8.0"  # torch's pre-2.8 layout, which it reads through a pickle fallback
+
+
 CRAFTED = {"opaque object in a sub-folder": _opaque_in_subfolder, "pickled weight": _pickled_weight,
            "pickled sample inputs": _pickled_sample_inputs, "legacy weights file": _legacy_weights_file,
            "custom object": _custom_obj_by_prefix, "AOTInductor library": _aoti_library,
-           "os.system as an op": _os_system_node}
+           "os.system as an op": _os_system_node, "old archive layout": _old_layout}
 
 
 @pytest.mark.parametrize("kind", list(CRAFTED))
