@@ -306,6 +306,7 @@ def masked_view(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.nd
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))
     n_masks = 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if node.op != "get_attr":
             continue
@@ -324,18 +325,20 @@ def masked_view(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.nd
                 factors.append(torch.from_numpy(k.astype(np.float32)).to(t.dtype).reshape(shape))
         wm = weight_masks.get(node.target, weight_masks.get(canon))
         if wm is not None:
-            factors.append(wm.to(t.dtype))
-        if not factors:
+            factors.append(wm if wm.dtype == torch.bool else wm.to(t.dtype))  # bool: 1 byte per weight
+        if not factors or not node.users:
             continue
         users = list(node.users)
+        # multiply right before the first reader, so each masked weight lives only while it is used (the exported
+        # graph reads every parameter at its top, which would materialise all masked weights at once)
+        first = min(users, key=order.__getitem__)
         cur: fx.Node = node
         for f in factors:
             name = f"_fxprune_mask_{n_masks}"
             n_masks += 1
             out.register_buffer(name, f, persistent=False)
-            with graph.inserting_after(cur):
+            with graph.inserting_before(first):
                 mnode = graph.get_attr(name)
-            with graph.inserting_after(mnode):
                 cur = graph.call_function(torch.ops.aten.mul.Tensor, (cur, mnode))
         for u in users:
             u.replace_input_with(node, cur)
