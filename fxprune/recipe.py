@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import FxPruneError, RecipeError
 from .pass_manager import PASS_REGISTRY, Pass
+from .report import recipe_from_history
 
 __all__ = ["load_recipe", "dump_recipe", "recipe_to_yaml", "save_recipe", "pass_options", "registry"]
 
@@ -294,11 +295,6 @@ def dump_recipe(passes: Iterable[Pass]) -> list[dict[str, Any]]:
             entry[_UNSERIALIZABLE] = bad
         out.append(entry)
     return out
-
-
-def recipe_from_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """A recipe rebuilt from a program's history (``Program.history``: pass names and JSON-able options)."""
-    return [{"pass": h["pass"], **dict(h.get("options", {}))} for h in history]
 
 
 def recipe_to_yaml(recipe: Sequence[Mapping[str, Any]] | Iterable[Pass], *, header: str | None = None) -> str:

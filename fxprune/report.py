@@ -11,7 +11,7 @@ import copy
 import json
 import platform
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import LoadError
+from .version import __version__
 
 #: version of :meth:`Report.to_dict`'s layout (``"schema"`` in report.json); :meth:`Report.from_dict` reads up to it
 REPORT_SCHEMA = 1
@@ -236,9 +237,12 @@ def jsonable(x: Any) -> Any:
 
 def versions() -> dict[str, str]:
     """fxprune, torch and Python versions."""
-    from . import __version__
-
     return {"fxprune": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def recipe_from_history(history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A recipe rebuilt from a program's history (``Program.history``: pass names and JSON-able options)."""
+    return [{"pass": h["pass"], **dict(h.get("options", {}))} for h in history]
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -256,8 +260,6 @@ def report_json(compiled: Any, recipe: list[dict[str, Any]] | None = None,
     """``report.json``'s content for ``compiled`` (a :class:`~fxprune.Compiled`): :meth:`Report.to_dict` plus
     ``recipe`` (default: rebuilt from the program's history), ``layer_sparsity`` (with the original shape and kept
     fraction of each layer when the original model is known), ``versions`` and the keys of ``extra``."""
-    from .recipe import recipe_from_history
-
     d = compiled.report.to_dict()
     d["recipe"] = recipe if recipe is not None else recipe_from_history(compiled.program.history)
     rows = layer_sparsity(compiled.module)

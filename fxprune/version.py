@@ -1,0 +1,2 @@
+"""The fxprune version (core: read by reports and archives without importing the package facade)."""
+__version__ = "0.1.0"
