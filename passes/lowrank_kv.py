@@ -211,14 +211,14 @@ class LowRankKV:
         return model
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Attach the pairs and decode through :class:`LowRankKVCache` (HF Llama-family decoders: patched in place,
-        ``generate`` gets a fresh cache when none is passed; our reference LLaMA: use ``kv_cache.forward`` /
-        ``kv_cache.generate`` with a ``LowRankKVCache``)."""
+        """Attach (freshly computed) pairs and decode through :class:`LowRankKVCache` (HF Llama-family decoders:
+        patched in place, ``generate`` gets a fresh cache when none is passed; our reference LLaMA: use
+        ``kv_cache.forward`` / ``kv_cache.generate`` with a ``LowRankKVCache``). Pairs attached earlier (fitted
+        ones too) are replaced."""
         if not (kv_cache.is_reference_llama(model) or kv_cache.is_hf_decoder(model)):
             raise InputError(f"{type(model).__name__} has no KV cache to compress",
                              fix="for encoders use LowRankKV(...).factorize(model) (low-rank K/V only)")
-        if not find_targets(model, self.targets) or find_targets(model, self.targets)[0].pair is None:
-            self.attach(model)
+        self.attach(model)
         kv_cache.enable(model)
         if not kv_cache.is_reference_llama(model):
             window, bits = self.window, self.bits
