@@ -175,14 +175,23 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
             break  # later selections index the shrunk graph's groups
         if isinstance(rec, SelectionRecord):
             importance.update(rec.importance)
+    used = _groups_used(results, groups)  # e.g. ChannelPrune(norms="exact") unfreezes the normalised dims
     rows = [GroupRow(g.id, g.label, g.kind, len(g.members), g.size, kept.get(g.id, g.size),
-                     None if g.prunable else g.frozen, importance.get(g.id)) for g in groups]
-    verified = max_diff = observable = None
+                     None if used[g.id].prunable else used[g.id].frozen, importance.get(g.id)) for g in groups]
+    verified = max_diff = observable = approximate = None
+    norms: dict[str, str] = {}
     for name, r, _ in results:
         if r.stats.get("verified") is not None:
             verified = bool(r.stats["verified"]) if verified is None else (verified and bool(r.stats["verified"]))
             max_diff = max(max_diff or 0.0, float(r.stats["max_abs_diff"]))
             observable = r.stats.get("observable")
+        if r.stats.get("approximate"):  # renormalized norms: a measured deviation, never "verified"
+            approximate, verified = True, None
+            max_diff = max(max_diff or 0.0, float(r.stats["max_abs_diff"]))
+            observable = r.stats.get("observable")
+        norms.update(r.stats.get("norms") or {})
+    if approximate:
+        verified = None
     return Report(
         model=type(model).__name__,
         tracer=str(initial.gm.meta.get("fxprune_tracer", TRACER)),
@@ -198,4 +207,19 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
         passes=[h for h in final.history],
         unknown_ops=dict(groups.analysis.unknown_ops),
         frozen_by=[{"node": n, "op": o, "reason": why} for n, o, why in groups.analysis.frozen_nodes],
+        approximate=approximate,
+        norms=norms,
     )
+
+
+def _groups_used(results: list, groups: GroupSet) -> GroupSet:
+    """The groups analysis the first Shrink pruned with: a selection pass may have replaced the initial one by an
+    analysis of the same groups with other freezes (``ChannelPrune(norms=...)``)."""
+    used = groups
+    for _, r, _ in results:
+        if r.program.records_of(ShrinkRecord):
+            break
+        g = r.program.analyses.cached("groups")
+        if g is not None and len(g) == len(groups):
+            used = g
+    return used

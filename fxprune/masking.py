@@ -345,3 +345,27 @@ def masked_view(gm: fx.GraphModule, groups: GroupSet, leaf_keep: dict[int, np.nd
     graph.lint()
     out.recompile()
     return out
+
+
+def norm_sites(groups: GroupSet, leaf_keep: dict[int, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """The normalisations whose normalised dims lose channels under ``leaf_keep``, by node name: ``mode``
+    (``"exact"``: shrunk == masked, the statistic's original divisor is pinned; ``"renormalize"``: statistics over
+    the kept width, approximate), ``kind`` (``layer_norm``, ``rms_norm``, or ``mean`` for a decomposed RMSNorm
+    statistic), ``weight`` (its scale parameter when known), ``eps``, ``before``/``after`` (normalised width),
+    ``module`` (the module that ran it).
+    Modes come from the analysis (``ChannelPrune(norms=...)``, :func:`fxprune.rules.norm.norm_rules`)."""
+    t = groups.analysis.table
+    out: dict[str, dict[str, Any]] = {}
+    for name, aux in groups.analysis.aux.items():
+        info = aux.get("norm") if isinstance(aux, dict) else None
+        if info is None:
+            continue
+        after = 1
+        for s in info["dims"]:
+            after *= int(t.keep_positions(s, leaf_keep).sum())
+        if after == info["size"]:
+            continue
+        out[name] = {"mode": info["mode"], "kind": info["kind"], "weight": info.get("weight"),
+                     "eps": info.get("eps"), "before": int(info["size"]), "after": after,
+                     "module": info.get("module")}
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -44,6 +44,9 @@ class ShrinkRecord(Record):
     kept_indices: Mapping[str, tuple[np.ndarray | None, ...]] = field(default_factory=dict)
     original_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     kept_channels: Mapping[int, int] = field(default_factory=dict)  # group id (pre-shrink) -> channels kept
+    #: normalisations whose normalised width shrank, by node name: mode ("exact"/"renormalize"), kind, weight,
+    #: eps, before, after (:func:`fxprune.masking.norm_sites`)
+    norms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ki = {k: tuple(None if d is None else _frozen_array(np.asarray(d, dtype=np.int64)) for d in v)
@@ -52,6 +55,8 @@ class ShrinkRecord(Record):
         object.__setattr__(self, "original_shapes",
                            MappingProxyType({k: tuple(int(s) for s in v) for k, v in self.original_shapes.items()}))
         object.__setattr__(self, "kept_channels", MappingProxyType(dict(self.kept_channels)))
+        object.__setattr__(self, "norms", MappingProxyType({k: MappingProxyType(dict(v))
+                                                            for k, v in self.norms.items()}))
 
     @staticmethod
     def from_keep_masks(param_keep: Mapping[str, list[np.ndarray | None]],

@@ -56,6 +56,14 @@ class Report:
     latency: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: trace, analyze, <pass>, report
+    #: the pruned module's dynamic input dims: {input name: {dim (as a string): dim name ("batch", "seq", ...)}}
+    dynamic_dims: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: what the user should know about how the model was traced (static dims and why, HF cache disabled, ...)
+    notes: list[str] = field(default_factory=list)
+    #: True when a Shrink is approximate by design (norms="renormalize"): max_abs_diff is then the measured
+    #: deviation from the masked program, and verified stays None
+    approximate: bool | None = None
+    norms: dict[str, str] = field(default_factory=dict)  # normalisation node -> "exact" | "renormalize"
 
     @property
     def params_ratio(self) -> float:
@@ -126,6 +134,8 @@ class Report:
 
     def summary(self) -> str:
         v = {None: "not run", True: "yes", False: "NO"}[self.verified]
+        if self.approximate:
+            v = "no: APPROXIMATE by design (norms renormalized over the kept width), measured deviation"
         lines = [
             f"fxprune report: {self.model}  (traced with {self.tracer}, "
             f"{'dynamic' if self.dynamic_batch else 'static'} batch, {self.seconds:.2f} s)",
@@ -136,6 +146,16 @@ class Report:
                                                      if self.max_abs_diff is not None else "")
             + ("" if self.observable in (None, True) else "  [unobservable: pruning did not change the output]"),
         ]
+        if self.dynamic_dims:
+            lines.append("  dynamic dims: " + ", ".join(f"{k}[{', '.join(f'{d}: {n}' for d, n in v.items())}]"
+                                                       for k, v in self.dynamic_dims.items()))
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.norms:
+            modes: dict[str, list[str]] = {}
+            for n, m in self.norms.items():
+                modes.setdefault(m, []).append(n)
+            lines.append("  normalisations pruned: " + "; ".join(
+                f"{m} x{len(ns)} ({', '.join(ns[:4])}{', ...' if len(ns) > 4 else ''})" for m, ns in modes.items()))
         for k, val in self.latency.items():
             lines.append(f"  latency {k}: {val}")
         return "\n".join(lines)
@@ -196,7 +216,9 @@ _NUM = _check(_is_num, "a number")
 _REPORT_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model": _STR, "tracer": _STR, "dynamic_batch": _BOOL,
     "params_before": _INT, "params_after": _INT, "macs_before": _INT, "macs_after": _INT,
-    "verified": _opt(_BOOL), "max_abs_diff": _opt(_NUM), "observable": _opt(_BOOL),
+    "verified": _opt(_BOOL), "max_abs_diff": _opt(_NUM), "observable": _opt(_BOOL), "approximate": _opt(_BOOL),
+    "norms": _check(lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                    "an object of strings"),
     "groups": _check(lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v), "a list of objects"),
     "passes": _check(lambda v: isinstance(v, list) and all(isinstance(p, dict) for p in v), "a list of objects"),
     "unknown_ops": _check(lambda v: isinstance(v, dict) and all(
@@ -207,6 +229,10 @@ _REPORT_FIELDS: dict[str, Callable[[Any], str | None]] = {
         "a list of objects of strings"),
     "latency": _check(lambda v: isinstance(v, dict), "an object"),
     "seconds": _NUM,
+    "dynamic_dims": _check(lambda v: isinstance(v, dict) and all(
+        isinstance(d, dict) and all(isinstance(x, str) for x in d.values()) for d in v.values()),
+        "an object {input: {dim: name}}"),
+    "notes": _check(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "timings": _check(lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
 }
 _GROUP_FIELDS: dict[str, Callable[[Any], str | None]] = {

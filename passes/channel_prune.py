@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -16,6 +17,7 @@ from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program
 from fxprune.records import SelectionRecord
 
+from . import activation_importance  # noqa: F401 (registers ActivationImportance for recipes)
 from . import importance as imp
 
 
@@ -28,30 +30,55 @@ class ChannelPrune(Pass):
     ratio is found by bisection on the analytic MACs model. ``round_to`` keeps channel counts multiples of it.
     ``ignore``: modules or parameter names whose groups are left alone. ``heads``: also prune outer factors
     (attention heads, conv groups); by default only innermost channels are pruned (HeadPrune handles heads).
+
+    ``target_params``: instead of a ratio, the parameter budget (absolute, or a fraction of the dense count if < 1),
+    found by bisection on the exact parameter count of the selection.
+    ``scope="uniform"``: every layer keeps the same width per role (groups whose members are the same parameters
+    up to the layer index: each layer's MLP, each layer's heads), and the per-head width (head_dim, shared with
+    rotary frequencies) is left alone, so the result is expressible in a stock config (``fxprune.hf``).
+    ``norms``: what to do with the dims that normalisation statistics observe (the hidden size of a transformer):
+    ``"freeze"`` (default: never pruned), ``"exact"`` (pruned; Shrink pins the statistics' original divisor, so
+    shrunk == masked is verified) or ``"renormalize"`` (pruned; the norms normalise over the kept width like a
+    smaller stock model, which is *not* the masked program: the report says approximate, with the deviation).
+    ``importance="activation"`` / ``"taylor"``: calibration importance over ``ctx.data``
+    (:mod:`fxprune.passes.activation_importance`; Minitron's activation criterion, first-order Taylor).
     """
 
     name = "channel_prune"
     requires = frozenset({"groups"})
 
-    def __init__(self, ratio: float | None = None, *, target_macs: float | None = None, importance: Any = "l2",
-                 scope: str = "local", round_to: int = 1, ignore: str | Iterable[Any] = (), heads: bool = False,
-                 max_ratio: float = 0.9):
-        if (ratio is None) == (target_macs is None):
-            raise InputError("give exactly one of ratio= or target_macs=",
-                             fix="e.g. ChannelPrune(ratio=0.5) or ChannelPrune(target_macs=0.5)")
+    def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
+                 target_params: float | None = None, importance: Any = "l2", scope: str = "local",
+                 round_to: int = 1, ignore: str | Iterable[Any] = (), heads: bool = False, max_ratio: float = 0.9,
+                 norms: str = "freeze"):
+        if sum(x is not None for x in (ratio, target_macs, target_params)) != 1:
+            raise InputError("give exactly one of ratio=, target_macs= or target_params=",
+                             fix="e.g. ChannelPrune(ratio=0.5), ChannelPrune(target_macs=0.5) or "
+                                 "ChannelPrune(target_params=0.8)")
+        if target_params is not None and not (isinstance(target_params, (int, float)) and target_params > 0):
+            raise InputError(f"target_params must be > 0, got {target_params!r}",
+                             fix="a fraction of the dense parameter count (e.g. 0.8) or an absolute count")
+        from fxprune.rules.norm import NORM_MODES
+
+        if norms not in NORM_MODES:
+            raise InputError(f"norms must be one of {', '.join(map(repr, NORM_MODES))}, got {norms!r}",
+                             fix="norms='exact' prunes the hidden size and verifies it; 'renormalize' is "
+                                 "approximate; 'freeze' keeps it")
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
             raise InputError(f"ratio must be in [0, 1), got {ratio!r}",
                              fix="ratio is the fraction of channels removed, e.g. 0.5")
         if target_macs is not None and not (isinstance(target_macs, (int, float)) and target_macs > 0):
             raise InputError(f"target_macs must be > 0, got {target_macs!r}",
                              fix="a fraction of the dense MACs (e.g. 0.5) or an absolute count")
-        if scope not in ("local", "global"):
-            raise InputError(f"scope must be 'local' or 'global', got {scope!r}", fix="use scope='local'")
+        if scope not in ("local", "global", "uniform"):
+            raise InputError(f"scope must be 'local', 'global' or 'uniform', got {scope!r}", fix="use scope='local'")
         if not (isinstance(round_to, int) and round_to >= 1):
             raise InputError(f"round_to must be a positive int, got {round_to!r}", fix="e.g. round_to=8")
         imp.resolve(importance)  # validate early
         self.ratio = ratio
         self.target_macs = target_macs
+        self.target_params = target_params
+        self.norms = norms
         self.importance = importance
         self.scope = scope
         self.round_to = round_to
@@ -95,12 +122,15 @@ class ChannelPrune(Pass):
 
     def candidates(self, program: Program) -> list[Group]:
         ignored = self._ignored_params(program)
+        gs = program.groups
         out = []
-        for g in program.groups.prunable():
+        for g in gs.prunable():
             if g.kind == "heads" and not self.heads:
                 continue
             if ignored and any(m.param in ignored for m in g.members):
                 continue
+            if self.scope == "uniform" and g.kind == "channels" and any(gs[r].kind == "heads" for r in g.related):
+                continue  # per-head width (head_dim, rotary frequencies): one value for q/k/v in a stock config
             out.append(g)
         return out
 
@@ -112,7 +142,7 @@ class ChannelPrune(Pass):
 
     def select(self, groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
         masks: dict[int, np.ndarray] = {}
-        if self.scope == "local":
+        if self.scope in ("local", "uniform"):  # uniform: equal-size groups of one role keep equal counts
             for g in groups:
                 k = self._keep_count(g.size, ratio)
                 masks[g.id] = _top_k(scores[g.id], k)
@@ -133,9 +163,11 @@ class ChannelPrune(Pass):
 
     # ------------------------------------------------------------------ run
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        gs = program.groups
+        gs = use_norm_mode(program, self.norms)
         groups = self.candidates(program)
-        score_fn = imp.resolve(self.importance)
+        if self.scope == "uniform":
+            _check_uniform(groups)
+        score_fn = imp.prepare(self.importance, program, groups, ctx)
         scores: dict[int, np.ndarray] = {}
         skipped = []
         for g in groups:
@@ -150,6 +182,12 @@ class ChannelPrune(Pass):
         if self.target_macs is not None:
             target = self.target_macs * dense_macs if self.target_macs < 1 else self.target_macs
             ratio = self._solve_ratio(gs, groups, scores, prior, target, dense_macs)
+        elif self.target_params is not None:
+            dense_params = count_params_at(program, {})
+            target = self.target_params * dense_params if self.target_params < 1 else self.target_params
+            ratio = self._solve_ratio(gs, groups, scores, prior, target, dense_params,
+                                      cost=lambda keep: count_params_at(program, keep), what="target_params",
+                                      unit="parameters")
         else:
             ratio = float(self.ratio)
         masks = self.select(groups, scores, ratio)
@@ -159,26 +197,33 @@ class ChannelPrune(Pass):
             {gid: (float(scores[gid].min()), float(scores[gid].mean()), float(scores[gid].max())) for gid in masks})
         est = gs.macs(program.leaf_keep())
         removed = sum(int((~m).sum()) for m in masks.values())
-        return PassResult(program, changed=removed > 0, stats={
-            "ratio": round(ratio, 4), "groups_pruned": sum(1 for m in masks.values() if not m.all()),
-            "channels_removed": removed, "groups_unscored": skipped, "macs_dense": dense_macs,
-            "macs_estimate": est}, record=record)
+        stats = {"ratio": round(ratio, 4), "groups_pruned": sum(1 for m in masks.values() if not m.all()),
+                 "channels_removed": removed, "groups_unscored": skipped, "macs_dense": dense_macs,
+                 "macs_estimate": est}
+        if self.target_params is not None:
+            stats["params_estimate"] = count_params_at(program, program.leaf_keep())
+        if self.norms != "freeze":
+            stats["norm_mode"] = self.norms
+        return PassResult(program, changed=removed > 0, stats=stats, record=record)
 
     def _solve_ratio(self, gs: GroupSet, groups: list[Group], scores: dict[int, np.ndarray],
-                     prior: dict[int, np.ndarray], target: float, dense: int) -> float:
+                     prior: dict[int, np.ndarray], target: float, dense: int, cost: Any = None,
+                     what: str = "target_macs", unit: str = "MACs") -> float:
+        cost = gs.macs if cost is None else cost
+
         def macs_at(r: float) -> int:
             keep = dict(prior)
             for gid, m in self.select(groups, scores, r).items():
                 leaf = gs[gid].space
                 keep[leaf] = m & prior[leaf] if leaf in prior else m
-            return gs.macs(keep)
+            return cost(keep)
 
-        floor_macs = macs_at(0.999 if self.scope == "local" else self.max_ratio)
+        floor_macs = macs_at(0.999 if self.scope != "global" else self.max_ratio)
         if floor_macs > target:
             raise BudgetError(
-                f"target_macs={target:.4g} is below what the frozen channels allow (at least {floor_macs:.4g} MACs "
+                f"{what}={target:.4g} is below what the frozen channels allow (at least {floor_macs:.4g} {unit} "
                 f"of {dense:.4g} remain when every prunable group keeps its minimum)",
-                fix=f"raise target_macs to >= {floor_macs / dense:.3f} of the dense MACs, or unfreeze more layers")
+                fix=f"raise {what} to >= {floor_macs / dense:.3f} of the dense {unit}, or unfreeze more layers")
         lo, hi = 0.0, 0.999
         for _ in range(30):
             mid = (lo + hi) / 2
@@ -187,6 +232,65 @@ class ChannelPrune(Pass):
             else:
                 hi = mid
         return hi
+
+
+def use_norm_mode(program: Program, norms: str) -> GroupSet:
+    """Make ``program``'s cached ``"groups"`` analysis the one for ``norms`` (see ChannelPrune) and return it.
+
+    The norm modes only change which dims are frozen, never the spaces, so group ids stay those of the default
+    analysis (checked); Shrink then uses this analysis, whose norm nodes carry the mode for their rewrite."""
+    from fxprune.analyzer import analyze_graph
+    from fxprune.rules.norm import norm_rules
+
+    gs = program.groups
+    if norms == "freeze" or getattr(gs, "norm_mode", "freeze") == norms:
+        return gs
+    new = GroupSet(analyze_graph(program.gm, rules=norm_rules(norms)), program.param_shapes())
+    if [(g.space, g.size) for g in new] != [(g.space, g.size) for g in gs]:
+        raise InputError(f"norms={norms!r} changed the channel groups of this graph (a rule bug)",
+                         fix="use norms='freeze' and report this model")
+    new.norm_mode = norms  # type: ignore[attr-defined]
+    program.analyses.put("groups", new)
+    return new
+
+
+_LAYER = re.compile(r"\.\d+\.")
+
+
+def role_of(g: Group) -> tuple:
+    """A group's role: its kind and members with layer indices wildcarded (``layers.3.mlp`` -> ``layers.*.mlp``)."""
+    return (g.kind, tuple(sorted({(_LAYER.sub(".*.", m.param), m.dim) for m in g.members})))
+
+
+def _check_uniform(groups: list[Group]) -> None:
+    sizes: dict[tuple, set[int]] = {}
+    for g in groups:
+        sizes.setdefault(role_of(g), set()).add(g.size)
+    bad = {r: s for r, s in sizes.items() if len(s) > 1}
+    if bad:
+        r, s = next(iter(bad.items()))
+        raise InputError(f"scope='uniform': the groups of role {r[1][0][0]!r} have different sizes {sorted(s)}, so "
+                         "equal per-layer widths cannot be chosen", fix="use scope='local'")
+
+
+def count_params_at(program: Program, leaf_keep: dict[int, np.ndarray]) -> int:
+    """Parameters (not buffers) the program keeps under ``leaf_keep`` (tied parameters counted once)."""
+    from fxprune.masking import param_keep
+
+    keep = param_keep(program.groups, leaf_keep) if leaf_keep else {}
+    shapes = program.groups.param_shapes
+    total = 0
+    for name in program.groups.analysis.param_spaces:
+        t = program.param(name)
+        if not isinstance(t, nn.Parameter):
+            continue
+        n = 1
+        dims = keep.get(name, [None] * t.dim())
+        for d, size in enumerate(shapes.get(name, tuple(t.shape))):
+            k = dims[d] if d < len(dims) else None
+            n *= int(k.sum()) if k is not None else int(size)
+        total += n
+    return total
 
 
 def _checked_scores(s: Any, g: Group) -> np.ndarray:

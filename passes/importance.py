@@ -4,6 +4,10 @@ Built-in criteria: ``"l1"``/``"l2"`` (magnitude of every parameter slice the cha
 group's members after normalising each member by its mean), ``"bn_scale"`` (|gamma| of the group's BatchNorms),
 ``"random"`` (seeded). A callable ``fn(group, program) -> array`` and Torch-Pruning importance objects
 (:mod:`fxprune.passes.tp_adapter`) are accepted too.
+
+Calibration criteria (``"activation"``: Minitron's activation magnitude; ``"taylor"``: first-order Taylor on
+activations) run the model over ``ctx.data`` once for all groups (:mod:`fxprune.passes.activation_importance`);
+:func:`prepare` computes them before a selection pass scores its groups.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from fxprune.groups import Group
 from fxprune.program import Program
 
 BUILTIN = ("l1", "l2", "bn_scale", "random")
+CALIBRATION = ("activation", "taylor")
 
 
 def _member_scores(program: Program, group: Group, p: int) -> list[np.ndarray]:
@@ -73,6 +78,8 @@ def bn_scale(program: Program, group: Group) -> np.ndarray | None:
 def resolve(importance: Any) -> Callable[[Program, Group, Any], np.ndarray | None]:
     """Turn the user's ``importance`` option into ``fn(program, group, ctx) -> scores | None``."""
     if isinstance(importance, str):
+        if importance in CALIBRATION:
+            return lambda prog, g, ctx: _calibrated(prog, ctx, importance).get(g.id)
         if importance == "l1":
             return lambda prog, g, ctx: magnitude(prog, g, 1)
         if importance == "l2":
@@ -83,7 +90,7 @@ def resolve(importance: Any) -> Callable[[Program, Group, Any], np.ndarray | Non
             return lambda prog, g, ctx: torch.rand(g.size, generator=ctx.generator(f"random-importance-{g.id}"),
                                                    dtype=torch.float64).numpy()
         raise InputError(f"unknown importance {importance!r}",
-                         fix=f"use one of {', '.join(BUILTIN)}, a callable fn(group, program) -> scores, "
+                         fix=f"use one of {', '.join(BUILTIN + CALIBRATION)}, a callable fn(group, program) -> scores, "
                              "or a torch_pruning importance object")
     from .tp_adapter import is_tp_importance, TorchPruningImportance
 
@@ -115,3 +122,32 @@ def resolve(importance: Any) -> Callable[[Program, Group, Any], np.ndarray | Non
         return call
     raise InputError(f"importance must be a name, a callable or a torch_pruning importance, got "
                      f"{type(importance).__name__}", fix=f"use one of {', '.join(BUILTIN)}")
+
+
+def _calibrated(program: Program, ctx: Any, criterion: str) -> dict[int, np.ndarray]:
+    """Scores of every group from a recorded ActivationImportance pass of this criterion, or computed now."""
+    from .activation_importance import ImportanceRecord, calibration_scores
+
+    for rec in reversed(program.records_of(ImportanceRecord)):
+        if rec.criterion == criterion and rec.graph_id == id(program.gm):
+            return dict(rec.scores)
+    cache = getattr(ctx, "_fxprune_calibration", None)
+    key = (id(program.gm), criterion)
+    if cache is None or cache[0] != key:
+        cache = (key, calibration_scores(program, ctx, criterion=criterion))
+        try:
+            ctx._fxprune_calibration = cache
+        except AttributeError:  # pragma: no cover - a frozen context object
+            pass
+    return cache[1]
+
+
+def prepare(importance: Any, program: Program, groups: list[Group], ctx: Any
+            ) -> Callable[[Program, Group, Any], np.ndarray | None]:
+    """:func:`resolve`, plus the one-off calibration run of ``"activation"``/``"taylor"`` for all groups (so that
+    scoring the groups one by one does not rerun the data)."""
+    fn = resolve(importance)
+    if isinstance(importance, str) and importance in CALIBRATION:
+        scores = _calibrated(program, ctx, importance)
+        return lambda prog, g, c: scores.get(g.id)
+    return fn

@@ -1,12 +1,14 @@
 """Shrink: physically remove the masked channels, rewrite shape constants, and verify against the masked program."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from fxprune.analyzer import size_hint
 from fxprune.errors import PassError, VerificationError
-from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, masked_view, param_keep,
+from fxprune.masking import (apply_weight_masks, expected_shapes, masked_copy, masked_view, norm_sites, param_keep,
                              rewrite_shape_constants, shrunk_copy)
 from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program, Stage
@@ -62,9 +64,17 @@ class Shrink(Pass):
         stats = {"kept": kept_channels,
                  "removed_channels": int(sum((~m).sum() for m in leaf_keep.values())),
                  "rewritten_nodes": len(rewritten)}
+        norms = norm_sites(gs, leaf_keep)  # normalisations whose width shrank, with their mode
+        approx = sorted(n for n, s in norms.items() if s["mode"] == "renormalize")
+        if norms:
+            stats["norms"] = {(s["module"] or n) + f" ({n})": s["mode"] for n, s in norms.items()}
+            record = dataclasses.replace(record, norms=norms)
         on_meta = any(t.is_meta for t in list(shrunk.parameters()) + list(shrunk.buffers()))
         if on_meta:
             stats.update({"verified": None, "verify_skipped": "meta-device model: no values to compare"})
+        elif approx:  # norms over the kept width are not the masked program by design: measure, never "verified"
+            if self.verify and ctx.verify:
+                stats.update(approximate_deviation(src, shrunk, gs, leaf_keep, program, ctx, keep, approx))
         elif self.verify and ctx.verify:
             masked = masked_view(src, gs, leaf_keep, program.weight_masks, keep=keep)  # no weight copies
             rtol = self.rtol if self.rtol is not None else ctx.rtol
@@ -97,4 +107,15 @@ class Shrink(Pass):
                     raise PassError(f"shrunk shape {got} differs from the expected {want[n.name]}",
                                     pass_name="shrink", node=n.name,
                                     fix="an op's shape constants were not rewritten; report this model")
+
+
+def approximate_deviation(src, shrunk, gs, leaf_keep, program: Program, ctx: PassContext, keep,
+                          norms: list[str]) -> dict:
+    """Stats of a shrink that is approximate by design (``norms="renormalize"``): max|shrunk - masked| on the
+    verification inputs and its size relative to the output scale; ``verified`` stays None (nothing was verified)."""
+    masked = masked_view(src, gs, leaf_keep, program.weight_masks, keep=keep)
+    res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, dense=ctx.dense)
+    rel = res.max_abs_diff / res.output_scale if res.output_scale else float("inf")
+    return {"verified": None, "approximate": True, "approximate_norms": norms, "max_abs_diff": res.max_abs_diff,
+            "output_scale": res.output_scale, "relative_deviation": rel, "observable": res.observable}
 
