@@ -5,6 +5,8 @@
     out = fxprune.compile(model, (x,), passes=[ChannelPrune(ratio=0.5), Shrink()])
     out.module, out.report
 
+``fxprune.prune`` is the same function as ``fxprune.compile`` (the name users look for next to ``torch.compile``).
+
 ``fxprune.passes``, ``fxprune.backends``, ``fxprune.models`` (and the other submodules) load on first attribute
 access, so ``import fxprune`` stays light and ``fxprune.backends.onnx.export(...)`` works without an extra import.
 """
@@ -24,9 +26,11 @@ from .archive import load
 from .replay import replay
 from .trace import trace
 
-__version__ = "0.1.0"
-__all__ = ["compile", "analyze", "trace", "Compiled", "Program", "Stage", "Pass", "PassResult", "PassContext",
-           "PassManager", "register_pass", "PASS_REGISTRY", "Group", "GroupSet", "Report", "errors",
+prune = compile  # the same function: fxprune.prune(model, inputs, passes) == fxprune.compile(...)
+
+from .version import __version__
+__all__ = ["compile", "prune", "analyze", "trace", "Compiled", "Program", "Stage", "Pass", "PassResult",
+           "PassContext", "PassManager", "register_pass", "PASS_REGISTRY", "Group", "GroupSet", "Report", "errors",
            "load", "replay", "load_recipe", "dump_recipe"]
 
 _LAZY_SUBMODULES = frozenset({"passes", "backends", "models", "train", "distill", "data", "latency", "plot",

@@ -26,7 +26,13 @@ Specs:
 
 ``input_shape`` (``"2,3,224,224"``, several inputs ``"2,3,32,32;2,4"``, or a list of shapes) replaces the default
 inputs: random N(0, 1) floats, or random integers below the example's maximum + 1 where the model's own example is
-integer (token ids). Every build is seeded with ``seed`` and leaves the caller's global RNG state unchanged.
+integer (token ids). ``input_dtype`` (``"int64"``, one per input ``"float32;int64"``, or ``torch`` dtypes) sets their
+dtypes; integer inputs without an integer example are drawn below the smallest ``nn.Embedding`` size of the model
+(else below 2). A shape may carry its dtype: ``"2,16:int64"`` (:func:`parse_inputs`). Every build is seeded with ``seed`` and leaves the caller's global RNG state unchanged.
+
+:func:`build` returns the same as :func:`resolve` plus ``weights``: where the weights came from, ``"random init
+(seed 0)"`` for every generated model, ``"loaded from FOLDER/model.safetensors"`` for an ``hf:`` folder that has
+one, ``"from the factory"`` for a file factory (fxprune cannot tell).
 
 Unknown names raise :class:`fxprune.errors.InputError` with a "did you mean"; a missing optional package raises
 :class:`fxprune.errors.BackendUnavailableError`. This is a front-door module (the CLI, benchmarks and tests use it);
@@ -43,11 +49,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from .errors import BackendUnavailableError, InputError
 
-__all__ = ["resolve", "parse_shape", "parse_overrides", "random_inputs", "HF_SMALL", "HF_TASKS", "KINDS"]
+__all__ = ["resolve", "build", "Resolved", "parse_shape", "parse_inputs", "parse_dtype", "parse_dtypes", "parse_overrides",
+           "random_inputs", "HF_SMALL", "HF_TASKS", "KINDS", "RANDOM_INIT"]
 
 #: the spec prefixes :func:`resolve` understands (besides reference names and ``file.py:factory``)
 KINDS = ("torchvision", "timm", "hf")
@@ -75,6 +82,17 @@ HF_TASKS: dict[str, str] = {
 _HF_DEFAULT_TASKS = ("causal-lm", "masked-lm", "base")
 
 Shapes = list[tuple[int, ...]]
+
+#: how :func:`build` reports generated weights (the CLI prints it and writes it into the report)
+RANDOM_INIT = "random init"
+
+
+class Resolved(NamedTuple):
+    """What :func:`build` returns: :func:`resolve`'s triple plus where the weights came from."""
+    model: Any
+    inputs: tuple
+    label: str
+    weights: str
 
 
 # ============================================================================================ helpers
@@ -109,6 +127,61 @@ def parse_shape(text: Any) -> Shapes:
         if not s or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in s):
             raise InputError(f"bad input shape {text!r}: every dim must be a positive integer")
     return shapes
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64", "long": "int64", "int": "int32",
+                  "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "i64": "int64"}
+
+
+def parse_dtype(text: Any) -> Any:
+    """``"int64"`` (or ``"long"``, ``"fp16"``, a ``torch.dtype``) -> ``torch.int64``; an unknown name is an
+    :class:`InputError` listing the valid ones."""
+    import torch
+
+    if isinstance(text, torch.dtype):
+        return text
+    name = str(text).strip().lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in _DTYPES:
+        raise InputError(f"unknown dtype {text!r}{did_you_mean(name, _DTYPES)}", fix=f"use one of {', '.join(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def parse_dtypes(text: Any) -> list[Any]:
+    """``"int64"`` -> ``[torch.int64]``; one per input: ``"float32;int64"`` (or ``,``-separated, or a list)."""
+    if isinstance(text, str):
+        parts = [p for p in re.split(r"[;,]", text) if p.strip()]
+    elif isinstance(text, Sequence):
+        parts = list(text)
+    else:
+        parts = [text]
+    if not parts:
+        raise InputError(f"bad dtype list {text!r}: expected e.g. int64 or float32;int64")
+    return [parse_dtype(p) for p in parts]
+
+
+def parse_inputs(text: Any) -> list[tuple[tuple[int, ...], Any]]:
+    """Typed inputs: ``"2,3,32,32"`` -> ``[((2, 3, 32, 32), None)]``; a dtype after a shape types that input:
+    ``"2,16:int64"`` -> ``[((2, 16), torch.int64)]``, ``"2,16:int64;2,16:bool"`` two inputs. Shapes are separated
+    by ``;`` (or ``:``, as in :func:`parse_shape`); the dtype ``None`` means "as the model's example"."""
+    if not isinstance(text, str):
+        return [(s, None) for s in parse_shape(text)]
+    out: list[tuple[tuple[int, ...], Any]] = []
+    for tok in re.split(r"[;:]", text.strip()):
+        t = tok.strip().strip("()[]")
+        if not t:
+            continue
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.]*", t):
+            if not out or out[-1][1] is not None:
+                raise InputError(f"bad input shape {text!r}: the dtype {t!r} must follow a shape",
+                                 fix="write SHAPE:DTYPE, e.g. 2,16:int64")
+            out[-1] = (out[-1][0], parse_dtype(t))
+        else:
+            out.append((parse_shape(t)[0], None))
+    if not out:
+        raise InputError(f"bad input shape {text!r}: expected e.g. 2,3,224,224")
+    return out
 
 
 def _coerce(v: str) -> Any:
@@ -161,19 +234,45 @@ def random_inputs(shapes: Shapes, seed: int = 0, *, int_high: int | None = None)
     return tuple(torch.randn(s, generator=g) for s in shapes)
 
 
-def _like(example: tuple, shapes: Shapes, seed: int) -> tuple:
-    """Random inputs of ``shapes`` with the dtypes (and integer ranges) of ``example``."""
+def _embedding_size(model: Any) -> int | None:
+    """The smallest ``num_embeddings`` of the model's ``nn.Embedding`` modules (a safe range for token ids)."""
+    import torch.nn as nn
+
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)] if model is not None else []
+    return min(sizes) if sizes else None
+
+
+def _like(example: tuple | None, shapes: Shapes, seed: int, *, dtypes: Sequence[Any] | None = None,
+          model: Any = None) -> tuple:
+    """Random inputs of ``shapes``: the dtypes (and integer ranges) of ``example`` unless ``dtypes`` says
+    otherwise; floats N(0, 1), integers in ``[0, high)`` (high: the example's maximum + 1, else the model's
+    smallest embedding size, else 2), bools 0/1."""
     import torch
 
-    if len(shapes) != len(example):
+    if example is not None and len(shapes) != len(example):
         raise InputError(f"the input shape gives {len(shapes)} input(s), the model takes {len(example)}")
+    if dtypes is not None and len(dtypes) == 1 and len(shapes) > 1:
+        dtypes = list(dtypes) * len(shapes)
+    if dtypes is not None and len(dtypes) != len(shapes):
+        raise InputError(f"{len(dtypes)} input dtype(s) for {len(shapes)} input(s)",
+                         fix="give one dtype for all inputs or one per input (int64;float32)")
     g = torch.Generator().manual_seed(seed)
     out = []
-    for x, s in zip(example, shapes):
-        if x.is_floating_point():
-            out.append(torch.randn(s, generator=g).to(x.dtype))
+    for i, s in enumerate(shapes):
+        x = example[i] if example is not None and isinstance(example[i], torch.Tensor) else None
+        dt = dtypes[i] if dtypes is not None and dtypes[i] is not None else (x.dtype if x is not None
+                                                                             else torch.float32)
+        if dt.is_floating_point:
+            out.append(torch.randn(s, generator=g).to(dt))
+        elif dt == torch.bool:
+            out.append(torch.randint(0, 2, s, generator=g).bool())
         else:
-            out.append(torch.randint(0, int(x.max()) + 1, s, generator=g).to(x.dtype))
+            high = None
+            if x is not None and not x.is_floating_point() and x.dtype != torch.bool and x.numel():
+                high = int(x.max()) + 1
+            if high is None:
+                high = _embedding_size(model) or 2
+            out.append(torch.randint(0, high, s, generator=g).to(dt))
     return tuple(out)
 
 
@@ -197,22 +296,42 @@ def _seeded(seed: int) -> Iterator[None]:
 # ============================================================================================ resolve
 def resolve(spec: str, *, batch: int = 1, seq: int = 16, size: str = "full", input_shape: Any = None,
             seed: int = 0, overrides: Mapping[str, Any] | Iterable[Any] = (), task: str | None = None,
-            max_image_size: int | None = None) -> tuple[Any, tuple, str]:
+            max_image_size: int | None = None, input_dtype: Any = None) -> tuple[Any, tuple, str]:
     """``(model in eval mode, example positional inputs, label)`` for ``spec`` (see the module doc).
 
     ``batch``: batch of the default inputs; ``seq``: sequence length of ``hf:`` token inputs; ``size``: reference
-    model size (``"tiny"``/``"full"``); ``input_shape``: replaces the default inputs; ``overrides``: builder options
-    (``hf:`` config fields, ``timm``/``torchvision`` constructor keywords, factory keywords), as ``KEY=VALUE``
-    strings, pairs or a mapping; ``task``: the ``hf:`` head (:data:`HF_TASKS`); ``max_image_size``: cap the side of a
-    default torchvision/timm image input (a timm model that refuses the smaller input is rebuilt with
-    ``img_size=max_image_size``, else keeps its native size).
+    model size (``"tiny"``/``"full"``); ``input_shape``: replaces the default inputs (a shape may carry its dtype,
+    ``"2,16:int64"``); ``input_dtype``: the inputs' dtype(s) (``"int64"``, ``"float32;int64"``, torch dtypes);
+    ``overrides``: builder options (``hf:`` config fields, ``timm``/``torchvision`` constructor keywords, factory
+    keywords), as ``KEY=VALUE`` strings, pairs or a mapping; ``task``: the ``hf:`` head (:data:`HF_TASKS`);
+    ``max_image_size``: cap the side of a default torchvision/timm image input (a timm model that refuses the
+    smaller input is rebuilt with ``img_size=max_image_size``, else keeps its native size).
+    :func:`build` returns the same and where the weights came from.
     """
+    r = build(spec, batch=batch, seq=seq, size=size, input_shape=input_shape, seed=seed, overrides=overrides,
+              task=task, max_image_size=max_image_size, input_dtype=input_dtype)
+    return r.model, r.inputs, r.label
+
+
+def build(spec: str, *, batch: int = 1, seq: int = 16, size: str = "full", input_shape: Any = None,
+          seed: int = 0, overrides: Mapping[str, Any] | Iterable[Any] = (), task: str | None = None,
+          max_image_size: int | None = None, input_dtype: Any = None) -> Resolved:
+    """:func:`resolve` as a :class:`Resolved` ``(model, inputs, label, weights)``: ``weights`` says where the
+    weights came from (``"random init (seed 0)"``, ``"loaded from ..."``, ``"from the factory"``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"a model spec is a non-empty string, got {spec!r}")
     if not isinstance(batch, int) or batch < 1 or not isinstance(seq, int) or seq < 1:
         raise InputError(f"batch and seq must be positive integers, got batch={batch!r}, seq={seq!r}")
     spec = spec.strip()
-    shapes = parse_shape(input_shape) if input_shape is not None else None
+    typed = parse_inputs(input_shape) if input_shape is not None else None
+    shapes = [s for s, _ in typed] if typed is not None else None
+    dtypes: list[Any] | None = None
+    if input_dtype is not None:
+        dtypes = parse_dtypes(input_dtype)
+        if typed is not None and any(d is not None for _, d in typed):
+            raise InputError("give the dtypes either in the input shape (2,16:int64) or as input_dtype, not both")
+    elif typed is not None and any(d is not None for _, d in typed):
+        dtypes = [d for _, d in typed]
     opts = parse_overrides(overrides)
     if task is not None and task not in HF_TASKS:
         raise InputError(f"unknown task {task!r}{did_you_mean(task, HF_TASKS)}",
@@ -226,17 +345,28 @@ def resolve(spec: str, *, batch: int = 1, seq: int = 16, size: str = "full", inp
         if opts:
             raise InputError(f"reference model {spec!r} takes no overrides (got {', '.join(opts)})",
                              fix="use size='tiny'|'full', or build it yourself with fxprune.models")
-        return _reference(spec, size, seed, batch, shapes)
-    if kind in KINDS and colon:
+        r = _reference(spec, size, seed, batch, shapes)
+    elif kind in KINDS and colon:
         if not name:
             raise InputError(f"{spec!r}: name the model after '{kind}:', e.g. {kind}:{_EXAMPLE[kind]}")
         fn = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}[kind]
-        return fn(name, batch=batch, seq=seq, shapes=shapes, seed=seed, opts=opts, task=task,
-                  max_image_size=max_image_size)
-    if ".py:" in spec or spec.endswith(".py"):
-        return _file(spec, shapes, seed, opts)
-    raise InputError(f"unknown model {spec!r}{_unknown_hint(spec)}: use a reference model "
-                     f"({', '.join(models.names())}), torchvision:NAME, timm:NAME, hf:NAME or path/to/file.py:factory")
+        r = fn(name, batch=batch, seq=seq, shapes=shapes, seed=seed, opts=opts, task=task,
+               max_image_size=max_image_size)
+    elif ".py:" in spec or spec.endswith(".py"):
+        r = _file(spec, shapes, seed, opts)
+    else:
+        raise InputError(f"unknown model {spec!r}{_unknown_hint(spec)}: use a reference model "
+                         f"({', '.join(models.names())}), torchvision:NAME, timm:NAME, hf:NAME or "
+                         f"path/to/file.py:factory")
+    if dtypes is not None:
+        example = r.inputs if r.inputs else None
+        inputs = _like(example, [tuple(x.shape) for x in r.inputs], seed, dtypes=dtypes, model=r.model)
+        r = r._replace(inputs=inputs)
+    return r
+
+
+def _random(seed: int) -> str:
+    return f"{RANDOM_INIT} (seed {seed})"
 
 
 _EXAMPLE = {"torchvision": "resnet18", "timm": "resnet18", "hf": "llama"}
@@ -271,7 +401,7 @@ def _unknown_hint(spec: str) -> str:
     return did_you_mean(spec, models.names())
 
 
-def _reference(name: str, size: str, seed: int, batch: int, shapes: Shapes | None) -> tuple[Any, tuple, str]:
+def _reference(name: str, size: str, seed: int, batch: int, shapes: Shapes | None) -> Resolved:
     from . import models
 
     if shapes:
@@ -282,12 +412,12 @@ def _reference(name: str, size: str, seed: int, batch: int, shapes: Shapes | Non
         raise InputError(str(e)) from None
     inputs = tuple(inputs)
     if shapes:
-        inputs = _like(inputs, shapes, seed)
-    return model.eval(), inputs, f"{name} ({size})"
+        inputs = _like(inputs, shapes, seed, model=model)
+    return Resolved(model.eval(), inputs, f"{name} ({size})", _random(seed))
 
 
 def _torchvision(name: str, *, batch: int, shapes: Shapes | None, seed: int, opts: dict,
-                 max_image_size: int | None, **_: Any) -> tuple[Any, tuple, str]:
+                 max_image_size: int | None, **_: Any) -> Resolved:
     torchvision = _need("torchvision")
     valid = torchvision.models.list_models()
     if name not in valid:
@@ -300,11 +430,17 @@ def _torchvision(name: str, *, batch: int, shapes: Shapes | None, seed: int, opt
         if max_image_size:
             side = min(side, max_image_size)
         shapes = [(batch, 3, side, side)]
-    return model.eval(), random_inputs(shapes, seed), f"torchvision:{name}"
+    return Resolved(model.eval(), random_inputs(shapes, seed), f"torchvision:{name}", _random(seed))
 
 
 def _timm(name: str, *, batch: int, shapes: Shapes | None, seed: int, opts: dict, max_image_size: int | None,
-          **_: Any) -> tuple[Any, tuple, str]:
+          **_: Any) -> Resolved:
+    r = _timm_build(name, batch=batch, shapes=shapes, seed=seed, opts=opts, max_image_size=max_image_size)
+    return Resolved(*r, _random(seed))
+
+
+def _timm_build(name: str, *, batch: int, shapes: Shapes | None, seed: int, opts: dict,
+                max_image_size: int | None) -> tuple[Any, tuple, str]:
     timm = _need("timm")
     if not timm.is_model(name):
         raise InputError(f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}",
@@ -417,21 +553,75 @@ def _hf_config(name: str, opts: dict) -> Any:
     return cfg
 
 
+def _hf_folder(name: str) -> Path | None:
+    """The local folder an ``hf:`` name points at, if it is one."""
+    p = Path(name).expanduser()
+    return p if p.is_dir() else None
+
+
+@contextlib.contextmanager
+def _hf_quiet() -> Iterator[None]:
+    """No transformers progress bars or load reports (they print ANSI codes) while loading weights."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_load(transformers: Any, auto: str, folder: Path, cfg: Any) -> tuple[Any, str]:
+    """``auto.from_pretrained(folder)`` from its safetensors weights only (no pickle), float32, offline; returns
+    the model and a sentence on what was loaded."""
+    import torch
+
+    with _hf_quiet():
+        model, info = getattr(transformers, auto).from_pretrained(
+            str(folder), config=cfg, use_safetensors=True, local_files_only=True, dtype=torch.float32,
+            output_loading_info=True)
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    what = f"loaded from {folder / files[0]}" if len(files) == 1 else f"loaded from {folder} ({len(files)} files)"
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        what += f"; {len(missing)} tensor(s) not in the file are {RANDOM_INIT} (e.g. {missing[0]})"
+    return model, what
+
+
 def _hf(name: str, *, batch: int, seq: int, shapes: Shapes | None, seed: int, opts: dict, task: str | None,
-        **_: Any) -> tuple[Any, tuple, str]:
+        **_: Any) -> Resolved:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = _need("transformers")
     cfg = _hf_config(name, opts)
+    folder = _hf_folder(name)
+    safetensors = sorted(folder.glob("*.safetensors")) if folder is not None else []
     model = None
+    weights = _random(seed)
+    if folder is not None and not safetensors:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        weights += (f"; {folder} has no *.safetensors weights" +
+                    (f" ({', '.join(sorted(pickled)[:2])} not read: pickle files)" if pickled else ""))
     errors = []
     with _seeded(seed):
         for t in ((task,) if task else _HF_DEFAULT_TASKS):
             auto = HF_TASKS[t]
             try:
-                model = getattr(transformers, auto).from_config(cfg)
+                if safetensors:
+                    model, weights = _hf_load(transformers, auto, folder, cfg)
+                else:
+                    model = getattr(transformers, auto).from_config(cfg)
                 break
             except (ValueError, KeyError) as e:
-                errors.append(f"{auto}: {str(e).splitlines()[0]}")
+                errors.append(f"{auto}: {_first_line(e)}")
+            except (OSError, RuntimeError) as e:  # a damaged file, or shapes the config does not match
+                raise InputError(f"hf:{name}: cannot load the weights in {folder}: {_first_line(e)}",
+                                 fix="check the folder's config.json and *.safetensors (and --hf-config "
+                                     "overrides that change shapes)") from None
     if model is None:
         raise InputError(f"transformers cannot build a model for hf:{name}: {'; '.join(errors)}",
                          fix=f"choose another task ({', '.join(HF_TASKS)})" if task else None)
@@ -448,10 +638,23 @@ def _hf(name: str, *, batch: int, seq: int, shapes: Shapes | None, seed: int, op
         inputs = random_inputs([(batch, int(getattr(cfg, "num_channels", 3)), int(h), int(w))], seed)
     else:
         raise InputError(f"hf:{name} takes {main!r}: give its shape", fix="input_shape='2,...' (--input-shape)")
-    return model, inputs, f"hf:{name} ({type(model).__name__})"
+    return Resolved(model, inputs, f"hf:{name} ({type(model).__name__})", weights)
 
 
-def _file(spec: str, shapes: Shapes | None, seed: int, opts: dict) -> tuple[Any, tuple, str]:
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (colours, bold: torch and transformers put them in messages)."""
+    return _ANSI.sub("", text)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _file(spec: str, shapes: Shapes | None, seed: int, opts: dict) -> Resolved:
     import torch
     import torch.nn as nn
 
@@ -486,7 +689,8 @@ def _file(spec: str, shapes: Shapes | None, seed: int, opts: dict) -> tuple[Any,
         raise InputError(f"{spec} returned {type(res).__name__}; a factory returns an nn.Module or "
                          f"(module, example_inputs)")
     if shapes:
-        inputs = _like(inputs, shapes, seed) if inputs else random_inputs(shapes, seed)
+        inputs = _like(inputs, shapes, seed, model=res) if inputs else random_inputs(shapes, seed)
     if inputs is None:
-        raise InputError(f"{spec} returned no example inputs", fix="give an input shape (--input-shape 2,3,32,32)")
-    return res.eval(), inputs, f"{p.name}:{factory} ({type(res).__name__})"
+        raise InputError(f"{spec} returned no example inputs",
+                         fix="give an input shape (--input-shape 2,3,32,32; token ids: --input-shape 2,16:int64)")
+    return Resolved(res.eval(), inputs, f"{p.name}:{factory} ({type(res).__name__})", "from the factory")
