@@ -23,18 +23,19 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .report import Report, report_json
+from .report import Report, jsonable, report_json
 
 __all__ = ["plot_report", "write_markdown", "markdown", "group_fractions"]
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
+    """report.json's form of ``report`` (tuples as lists, as JSON has them: what Report.from_dict reads)."""
     if isinstance(report, Mapping):
-        return dict(report)
+        return jsonable(dict(report))
     if hasattr(report, "report") and hasattr(report, "module"):  # a Compiled
         return report_json(report)
     if isinstance(report, Report):
-        return report.to_dict()
+        return jsonable(report.to_dict())
     raise TypeError(f"expected a Report, a Compiled or a report dict, got {type(report).__name__}")
 
 
