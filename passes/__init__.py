@@ -14,6 +14,7 @@ from .nm_sparsity import NMSparsity
 from .pdp import PDP
 from .shrink import Shrink
 from .unstructured import Unstructured
+from .udfc import UDFCompensate
 
 __all__ = ["ChannelPrune", "ApplyMasks", "Shrink", "BNScalePrune", "GroupChannelPrune", "AbsorbBNShift",
            "YOLOV4_QUANTILES", "Unstructured", "NMSparsity", "BlockSparsity", "BlockSparseRewrite", "HeadPrune",
