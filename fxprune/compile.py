@@ -18,15 +18,19 @@ import torch.nn as nn
 from .errors import InputError
 from .flops import count_macs, count_params
 from .groups import GroupSet
+from .log import get_logger
 from .masking import masked_copy
+from .module import PrunedModule
 from .pass_manager import PASS_REGISTRY, Pass, PassContext, PassManager, PassResult
 from .program import Program, Stage
 from .records import SelectionRecord, ShrinkRecord
 from .report import GroupRow, Report
-from .trace import TRACER, normalize_inputs, trace
+from .trace import TRACER, InputSpec, normalize_inputs, trace
 
 #: the pipeline ``compile(passes=None)`` runs: (registered pass name, options)
 DEFAULT_PIPELINE: tuple[tuple[str, dict[str, Any]], ...] = (("channel_prune", {"ratio": 0.5}), ("shrink", {}))
+log = get_logger("compile")
+
 #: where the built-in passes register themselves (imported by name when the registry lacks a default pass)
 BUILTIN_PASSES_MODULE = "fxprune.passes"
 
@@ -45,7 +49,13 @@ def default_passes() -> list[Pass]:
 
 @dataclass
 class Compiled:
-    """The result of :func:`compile`: a runnable module, its report and the final program."""
+    """The result of :func:`compile`: a runnable module, its report and the final program.
+
+    ``module`` is a :class:`~fxprune.module.PrunedModule` (a GraphModule, returned in eval mode): ``.train()``
+    switches BatchNorm and dropout to training behaviour for fine-tuning, ``torch.save``/``torch.load`` (with
+    ``weights_only=False``) and ``state_dict()`` (the original model's parameter names) work, and its inputs are
+    checked with readable errors (dynamic dims: ``report.dynamic_dims``). ``program.gm`` is the final program's
+    graph module; it shares the module's parameters and buffers."""
 
     module: fx.GraphModule
     report: Report
@@ -79,7 +89,11 @@ def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     """
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     gm = trace(model, args, kwargs, copy_model=False)  # analysis never writes to parameters: no copy needed
-    return Program(gm, args, kwargs, source=model).groups
+    t0 = time.perf_counter()
+    groups = Program(gm, args, kwargs, source=model).groups
+    log.info("analyze: %.2f s, %d groups (%d prunable)", time.perf_counter() - t0, len(groups),
+             len(groups.prunable()))
+    return groups
 
 
 def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
@@ -118,13 +132,19 @@ def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
 
 def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None = None, *,
             example_kwargs: dict | None = None, seed: int = 0, verify: bool = True, rtol: float = 1e-4,
-            data: Any = None, count_flops: bool = True) -> Compiled:
+            data: Any = None, count_flops: bool = True, dynamic: Any = None) -> Compiled:
     """Trace ``model``, run ``passes`` (default: ``[ChannelPrune(ratio=0.5), Shrink()]``) and return a
     :class:`Compiled` with the new module and a report. The user's model is never modified.
 
     ``example_inputs``: a tensor, a tuple of positional args, or a dict of keyword args (``example_kwargs`` adds
     keyword args to positional ones). ``seed`` drives every random choice. ``verify`` checks shrunk == masked.
     ``report.timings`` gives the seconds of each phase (trace, analyze, each pass by name, report).
+    ``dynamic``: which input dims the pruned module accepts at any size. Default (``None``): the batch (dim 0 of
+    the inputs of the example's batch size, also from a batch-1 example) and the sequence length of integer
+    ``(B, T)`` inputs, where the model allows it (if not, a logged warning and ``report.notes`` say so);
+    ``False``: the example's shapes only; a dict ``{input name: {dim: name}}`` (e.g.
+    ``{"input_ids": {0: "batch", 1: "seq"}}``): exactly those dims (a :class:`~fxprune.errors.TraceError` if the
+    model fixes one). Progress is logged to the ``"fxprune"`` logger (quiet unless logging is configured).
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -135,15 +155,18 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
 
     def timed(p: Pass, r: PassResult, dt: float) -> None:
         timings[p.name] = timings.get(p.name, 0.0) + dt
+        log.info("pass %s: %.2f s%s", p.name, dt, _pass_details(r))
 
     pm = PassManager(passes, on_pass=timed)  # validates pass objects before the (slow) trace
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = trace(model, args, kwargs, copy_model=False)  # shares the user's weights (read only); see _own_tensors
+    gm = trace(model, args, kwargs, copy_model=False, dynamic=dynamic)  # shares the user's weights (read only)
     t1 = time.perf_counter()
     timings["trace"] = t1 - t0
     program = Program(gm, args, kwargs, source=model)
     initial_groups = program.groups
     timings["analyze"] = time.perf_counter() - t1
+    log.info("analyze: %.2f s, %d groups (%d prunable); running %d passes: %s", timings["analyze"],
+             len(initial_groups), len(initial_groups.prunable()), len(passes), ", ".join(p.name for p in passes))
     ctx = PassContext(seed=seed, data=data, verify=verify, rtol=rtol, dense=gm)
     params_before = count_params(gm)
     macs_before = count_macs(gm, args, kwargs) if count_flops else 0
@@ -154,11 +177,34 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
         final.gm = masked_copy(final.gm, final.groups, final.leaf_keep(), final.weight_masks)
         final.stage = Stage.MASKED
     _own_tensors(final.gm, model)
+    spec = gm.meta.get("fxprune_inputs")
+    module = PrunedModule.from_graph_module(final.gm, spec=spec, source=model)
     report = _report(model, initial_groups, program, final, results, params_before, macs_before, count_flops)
+    if isinstance(spec, InputSpec):
+        report.dynamic_dims = {k: {str(d): n for d, n in v.items()} for k, v in spec.dynamic_dims().items()}
+        report.notes = list(spec.notes) + list(report.notes)
     timings["report"] = time.perf_counter() - t2
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     report.seconds = time.perf_counter() - t0
-    return Compiled(final.gm, report, final)
+    log.info("compiled %s in %.2f s: params %s -> %s, MACs %s -> %s%s", type(model).__name__, report.seconds,
+             f"{report.params_before:,}", f"{report.params_after:,}", f"{report.macs_before:,}",
+             f"{report.macs_after:,}", "" if report.verified is None else
+             f", verified {'yes' if report.verified else 'NO'}")
+    return Compiled(module, report, final)
+
+
+def _pass_details(r: PassResult) -> str:
+    """``, verified (max abs diff 3e-07)`` etc. from a pass's stats, for the log."""
+    st = r.stats or {}
+    parts = []
+    if st.get("verified") is not None:
+        parts.append(("verified" if st["verified"] else "NOT verified")
+                     + (f" (max abs diff {float(st['max_abs_diff']):.3g})" if st.get("max_abs_diff") is not None
+                        else ""))
+    for k in ("groups", "pruned", "kept"):
+        if isinstance(st.get(k), (int, float)) and not isinstance(st.get(k), bool):
+            parts.append(f"{k} {st[k]}")
+    return (", " + ", ".join(parts)) if parts else ""
 
 
 def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program, results: list,

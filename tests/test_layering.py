@@ -48,7 +48,7 @@ CORE = frozenset({
     "fxprune.analysis", "fxprune.analyzer", "fxprune.compile", "fxprune.errors", "fxprune.flops",
     "fxprune.groups", "fxprune.masking", "fxprune.pass_manager", "fxprune.program", "fxprune.records",
     "fxprune.report", "fxprune.seeding", "fxprune.shape_prop", "fxprune.spaces", "fxprune.trace",
-    "fxprune.verify", "fxprune.utils", "fxprune.options", "fxprune.version",
+    "fxprune.verify", "fxprune.utils", "fxprune.options", "fxprune.version", "fxprune.module", "fxprune.log",
 })
 CORE_PACKAGES = ("fxprune.rules",)
 
