@@ -14,7 +14,7 @@ from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
 from fxprune.program import Program, Stage
 from fxprune.records import ShrinkRecord
 from fxprune.shape_prop import propagate_shapes
-from fxprune.verify import verify
+from fxprune.verify import node_keep, verify
 
 
 @register_pass
@@ -78,14 +78,15 @@ class Shrink(Pass):
         elif self.verify and ctx.verify:
             masked = masked_view(src, gs, leaf_keep, program.weight_masks, keep=keep)  # no weight copies
             rtol = self.rtol if self.rtol is not None else ctx.rtol
-            res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense)
+            res = verify(masked, shrunk, program.args, program.kwargs, seed=ctx.seed + 1, rtol=rtol, dense=ctx.dense,
+                         keep=lambda: node_keep(gs, leaf_keep))
             del masked
-            stats.update({"verified": res.ok, "max_abs_diff": res.max_abs_diff, "output_scale": res.output_scale,
-                          "observable": res.observable})
+            stats.update(res.stats())
             if not res.ok:
-                raise VerificationError(f"shrunk module differs from the masked module: {res}",
-                                        fix="this is a bug in fxprune's rules; report it, and meanwhile exclude "
-                                            "the affected layers with ignore=[...]")
+                message, fix = res.explain()  # structural mismatch, noise above the bound, NaN/Inf or shapes
+                err = VerificationError(message, fix=fix)
+                err.result = res
+                raise err
         program.gm = shrunk
         program.masks, program.divisors = {}, {}
         program.weight_masks = new_wm
@@ -118,4 +119,3 @@ def approximate_deviation(src, shrunk, gs, leaf_keep, program: Program, ctx: Pas
     rel = res.max_abs_diff / res.output_scale if res.output_scale else float("inf")
     return {"verified": None, "approximate": True, "approximate_norms": norms, "max_abs_diff": res.max_abs_diff,
             "output_scale": res.output_scale, "relative_deviation": rel, "observable": res.observable}
-
