@@ -437,12 +437,12 @@ def _shapes_text(inputs: Sequence[Any]) -> str:
                      type(x).__name__ for x in inputs)
 
 
-def _say_weights(progress: Progress, weights: str) -> None:
+def _say_weights(progress: Progress, weights: str, hint: str = "give --weights FILE, or an hf: folder with "
+                 "model.safetensors, to prune trained weights") -> None:
     from .zoo import RANDOM_INIT
 
     if weights.startswith(RANDOM_INIT):
-        progress.warn(f"weights: {weights}: the pruning is planned on random weights (give --weights FILE, or an "
-                      f"hf: folder with model.safetensors, to prune trained weights)", weights=weights)
+        progress.warn(f"weights: {weights}: the pruning is planned on random weights ({hint})", weights=weights)
     else:
         progress.info(f"weights: {weights}", weights=weights)
 
@@ -464,7 +464,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model, inputs, label, weights = resolve_model(args.model, size=args.size, seed=args.seed)
         make_observable(model, seed=args.seed)  # random init: make every channel visible to the verification
         weights += ", made observable (fxprune.testing.make_observable)"
-        _say_weights(progress, weights)
+        _say_weights(progress, weights, "a demo; `fxprune compile MODEL --weights FILE` prunes trained weights")
         passes = [ChannelPrune(ratio=args.ratio), Shrink()]
         out, result = run_pipeline(args, model, inputs, passes, label, progress, weights=weights)
     _print_result(args, out, result)
