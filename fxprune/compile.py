@@ -102,8 +102,12 @@ def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
     compile traces the user's model without copying it: the traced program reads the user's weights, passes that
     write weights work on copies (the pass manager) or build new tensors (Shrink), so only what no pass touched is
     still shared at the end, and only that is copied here. Returns the number of tensors copied."""
-    user = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
-            if not t.is_meta and t.numel()}
+    def ptr(t: Any) -> int | None:
+        if not isinstance(t, torch.Tensor) or t.is_meta or not t.numel() or t.layout != torch.strided:
+            return None  # sparse layouts (e.g. BSR weights) are always new tensors
+        return t.untyped_storage().data_ptr()
+
+    user = {p for p in map(ptr, list(model.parameters()) + list(model.buffers())) if p is not None}
     if not user:
         return 0
     memo: dict[int, torch.Tensor] = {}
@@ -112,7 +116,7 @@ def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
         for mod in gm.modules():
             for store in (mod._parameters, mod._buffers):
                 for name, t in list(store.items()):
-                    if t is None or t.is_meta or not t.numel() or t.untyped_storage().data_ptr() not in user:
+                    if ptr(t) not in user:
                         continue
                     if id(t) not in memo:
                         c = t.detach().clone()
@@ -121,8 +125,7 @@ def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
                         copied += 1
                     store[name] = memo[id(t)]
             for name, t in list(vars(mod).items()):  # lifted constants (plain tensor attributes)
-                if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() and \
-                        t.untyped_storage().data_ptr() in user:
+                if ptr(t) in user:
                     if id(t) not in memo:
                         memo[id(t)] = t.detach().clone()
                         copied += 1
