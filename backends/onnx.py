@@ -9,6 +9,13 @@ GraphModules that ``torch.export.ExportedProgram.module()`` returns (which is wh
 the TorchScript exporter (``dynamo=False``) cannot export those (it has to toggle ``train()``, which they refuse),
 so it is only the fallback for plain modules the dynamo exporter rejects. :attr:`ExportResult.exporter` says which
 one wrote the file and :attr:`ExportResult.notes` why the fallback was taken.
+
+Names: the file's inputs are named after the forward parameters (``x``, ``input_ids``, ``attention_mask``; nested
+inputs get a suffix) and its outputs after the model's output structure (``ModelOutput``/dict keys such as
+``logits``, else ``output_0``, ``output_1``, ... or ``output`` for a single tensor); ``input_names=`` /
+``output_names=`` override them. Dynamic dims are named as in the module: ``batch`` and, for token inputs of a
+pruned module with a dynamic sequence length, ``seq`` (``fxprune.compile``'s ``report.dynamic_dims``).
+Progress goes to the ``"fxprune.onnx"`` logger.
 """
 from __future__ import annotations
 
@@ -25,12 +32,14 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from fxprune.errors import ExportError, InputError
+from fxprune.log import get_logger, timed
 
 from . import eval_mode, require, resolve_module
 
 __all__ = ["export", "check_parity", "ExportResult", "ParityResult", "default_atol"]
 
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a single file at 2 GiB
+log = get_logger("onnx")
 
 
 @dataclass
@@ -120,12 +129,13 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> Any:
     return tuple(pytree.tree_map(spec, a) for a in args)
 
 
-def _fresh_inputs(args: tuple, kwargs: dict, batch: int | None, dynamic: bool, gen: torch.Generator
-                  ) -> tuple[tuple, dict]:
+def _fresh_inputs(args: tuple, kwargs: dict, batch: int | None, dynamic: bool, gen: torch.Generator,
+                  seq: int | None = None) -> tuple[tuple, dict]:
     """Random inputs like the examples: floats ~ N(0, 1); integers uniform in [min(0, min(x)), max(x)];
     bools tile the example along dim 0. With ``dynamic``, dim 0 of inputs whose dim 0 is the batch becomes
-    ``batch``."""
+    ``batch``; with ``seq``, dim 1 of integer/bool ``(B, T)`` inputs of the example's length becomes ``seq``."""
     example_batch = _batch_of(args, kwargs)
+    example_seq = _seq_of(args, kwargs)
 
     def fresh(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -134,6 +144,15 @@ def _fresh_inputs(args: tuple, kwargs: dict, batch: int | None, dynamic: bool, g
         resize = dynamic and x.dim() >= 1 and shape[0] == example_batch and batch is not None
         if resize:
             shape[0] = batch
+        if (seq is not None and x.dim() == 2 and not (x.dtype.is_floating_point or x.dtype.is_complex)
+                and shape[1] == example_seq):
+            shape[1] = seq
+        if (x.dtype == torch.bool or _is_mask(x)) and x.dim() >= 1 and x.shape[0] and all(x.shape):
+            # masks (bool, or integers all 0/1) keep the example's pattern, tiled to the new sizes
+            rows = x[torch.arange(shape[0]) % x.shape[0]]
+            if x.dim() == 2:
+                rows = rows[:, torch.arange(shape[1]) % x.shape[1]]
+            return rows.clone() if tuple(rows.shape) == tuple(shape) else x.clone()
         if x.dtype == torch.bool:
             if not resize or x.shape[0] == 0:
                 return x.clone()
@@ -146,6 +165,33 @@ def _fresh_inputs(args: tuple, kwargs: dict, batch: int | None, dynamic: bool, g
         return torch.randint(lo, max(hi, lo + 1), shape, generator=gen, dtype=torch.int64).to(x.dtype)
 
     return tuple(pytree.tree_map(fresh, a) for a in args), {k: pytree.tree_map(fresh, v) for k, v in kwargs.items()}
+
+
+def _seq_of(args: tuple, kwargs: dict) -> int | None:
+    for t in _tensor_leaves(args, kwargs):
+        if t.dim() == 2 and not (t.dtype.is_floating_point or t.dtype.is_complex):
+            return int(t.shape[1])
+    return None
+
+
+def _is_mask(x: torch.Tensor) -> bool:
+    """An integer tensor of 0/1 values only (an attention mask): resized by tiling, not redrawn."""
+    return (not (x.dtype.is_floating_point or x.dtype.is_complex) and x.numel() > 0 and not x.is_meta
+            and bool(((x == 0) | (x == 1)).all()))
+
+
+def _dynamic_seq_inputs(proto: Any) -> bool:
+    """Whether an integer rank-2 graph input has a symbolic dim 1 (a dynamic sequence length)."""
+    inits = {i.name for i in proto.graph.initializer}
+    ints = {6, 7, 9, 3, 2, 5, 4, 12, 13}  # INT32, INT64, BOOL, INT8, UINT8, INT16, UINT16, UINT32, UINT64
+    for i in proto.graph.input:
+        if i.name in inits or not i.type.HasField("tensor_type"):
+            continue
+        tt = i.type.tensor_type
+        if tt.elem_type in ints and tt.HasField("shape") and len(tt.shape.dim) == 2 \
+                and not tt.shape.dim[1].HasField("dim_value"):
+            return True
+    return False
 
 
 def _ort_feed(sess: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -199,7 +245,7 @@ def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_input
     and typed like ``example_inputs``) and compare every output.
 
     Batch sizes: ``batch_sizes`` if given, else the example batch and, when dim 0 of the file's inputs is
-    symbolic, also the example batch + 3. An element fails when ``|ort - torch| > atol + rtol * |torch|``;
+    symbolic, also the example batch + 3 (with the sequence length + 2 when integer inputs have a symbolic dim 1). An element fails when ``|ort - torch| > atol + rtol * |torch|``;
     ``atol`` defaults to :func:`default_atol` per output. Raises :class:`ExportError` naming the first
     mismatching output, its diff and the batch size. The module is run in eval mode and left unchanged.
     """
@@ -211,7 +257,9 @@ def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_input
     args, kwargs = _split_inputs(example_inputs)
     proto = onnx.load(os.fspath(path), load_external_data=False)
     dyn = _dynamic_batch_inputs(proto)
+    dyn_seq = _dynamic_seq_inputs(proto)
     b0 = _batch_of(args, kwargs)
+    s0 = _seq_of(args, kwargs)
     if batch_sizes is None:
         batch_sizes = [b0] if b0 is not None else [1]
         if dyn and b0 is not None:
@@ -224,7 +272,8 @@ def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_input
     notes: list[str] = []
     checked: list[int] = []
     for b in batch_sizes:
-        fa, fk = _fresh_inputs(args, kwargs, b, dyn, gen)
+        seq = s0 + 2 if dyn_seq and s0 is not None and b != b0 else None
+        fa, fk = _fresh_inputs(args, kwargs, b, dyn, gen, seq)
         try:
             with torch.no_grad(), eval_mode(module):
                 ref_out = module(*fa, **fk)
@@ -354,10 +403,41 @@ def _forward_arg_names(module: nn.Module, n: int) -> list[str]:
 
 def _export_dynamo(module: nn.Module, args: tuple, kwargs: dict, path: str, *, opset: int | None, dynamic: bool,
                    input_names: Any, output_names: Any, external: bool) -> None:
+    shapes = None
+    if dynamic:
+        export_inputs = getattr(module, "export_inputs", None)
+        if callable(export_inputs):  # fxprune's PrunedModule: its own dynamic dims, named (batch, seq, ...)
+            args, kwargs, shapes = export_inputs(args, kwargs)
+        else:
+            shapes = _dynamic_shapes(args, kwargs)
     torch.onnx.export(module, args, path, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-                      dynamic_shapes=_dynamic_shapes(args, kwargs) if dynamic else None,
-                      input_names=input_names, output_names=output_names, external_data=external,
-                      verbose=False, optimize=True)
+                      dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
+                      external_data=external, verbose=False, optimize=True)
+
+
+def default_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str] | None, list[str] | None]:
+    """The ONNX input and output names :func:`export` gives by default (None: the exporter's own names):
+    inputs after the forward parameters, outputs after the output structure (:func:`fxprune.module.names_of`)."""
+    from fxprune.module import input_names as gm_inputs, names_of, output_names as gm_outputs
+
+    n_in = len(_tensor_leaves(args, kwargs))
+    if isinstance(module, torch.fx.GraphModule) and getattr(module, "_in_spec", None) is not None:
+        ins = gm_inputs(module)
+        outs = gm_outputs(module)
+    else:
+        ins = None
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            ins = _forward_arg_names(module, n_in)
+        elif not args and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            ins = list(kwargs)
+        try:
+            with torch.no_grad(), eval_mode(module):
+                outs = names_of(module(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - the exporter reports the failure itself
+            outs = None
+    if ins is not None and len(ins) != n_in:
+        ins = None
+    return ins, outs
 
 
 def _export_torchscript(module: nn.Module, args: tuple, kwargs: dict, path: str, *, opset: int | None,
@@ -410,8 +490,13 @@ def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLi
     external = nbytes > _EXTERNAL_DATA_BYTES
     notes: list[str] = []
 
+    if input_names is None or output_names is None:
+        ins, outs = default_names(module, args, kwargs)
+        input_names = list(input_names) if input_names is not None else ins
+        output_names = list(output_names) if output_names is not None else outs
     exporter = "dynamo"
-    with eval_mode(module) as switched, warnings.catch_warnings():
+    log.info("exporting %s to %s", type(module).__name__, path)
+    with timed("onnx export", log), eval_mode(module) as switched, warnings.catch_warnings():
         if not switched:  # torch.export GraphModule: its graph was captured in eval mode already
             warnings.filterwarnings("ignore", message=".*training mode.*")
         try:
@@ -470,7 +555,9 @@ def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLi
 
     parity = ParityResult({}, {}, [])
     if check_parity:
-        parity = check_parity_fn(path, module, example_inputs, atol=atol, rtol=rtol, seed=seed)
+        with timed("onnx parity check (onnxruntime vs torch)", log) as t:
+            parity = check_parity_fn(path, module, example_inputs, atol=atol, rtol=rtol, seed=seed)
+            t["details"] = str(parity)
         notes += parity.notes
     return ExportResult(path=path, opset=_opset(model), exporter=exporter, dynamic_batch=is_dynamic,
                         simplified=simplified, max_abs_diff=parity.max_abs_diff,

@@ -183,10 +183,23 @@ def output_names(gm: fx.GraphModule, n: int | None = None) -> list[str]:
         return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     try:
         tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-        paths = [p for p, _ in pytree.tree_flatten_with_path(tree)[0]]
     except Exception:  # noqa: BLE001 - unusual containers: numbered names
         return [f"output_{i}" for i in range(spec.num_leaves)]
-    if spec.num_leaves == 1 and not paths[0]:
+    return names_of(tree)
+
+
+def names_of(value: Any, *, leaf: Any = None) -> list[str]:
+    """Names of the tensor leaves of a (nested) output ``value``: dict/``ModelOutput`` keys joined by ``_``
+    (``logits``, ``b_0``), ``output_<i>`` for positions of a top-level tuple/list, ``output`` for a single
+    tensor. ``leaf``: the leaf type to name (default: tensors, or every leaf when none is a tensor)."""
+    try:
+        flat = pytree.tree_flatten_with_path(value)[0]
+    except Exception:  # noqa: BLE001 - unusual containers: numbered names
+        return ["output"]
+    if leaf is None and any(isinstance(v, torch.Tensor) for _, v in flat):
+        leaf = torch.Tensor
+    paths = [p for p, v in flat if leaf is None or isinstance(v, leaf)]
+    if len(paths) == 1 and not paths[0]:
         return ["output"]
     names = []
     for i, path in enumerate(paths):
@@ -283,6 +296,48 @@ class PrunedModule(fx.GraphModule):
         """``{input name: {dim: dim name}}`` of the dynamic dims (empty when static)."""
         spec = self.input_spec
         return spec.dynamic_dims() if spec is not None else {}
+
+    def export_inputs(self, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict, Any]:
+        """``(args, kwargs, dynamic_shapes)`` to re-export this module with ``torch.export`` (or the ONNX dynamo
+        exporter) keeping its dynamic dims: one ``Dim`` per dim name (``batch``, ``seq``, ... with its range),
+        keyed by forward parameter; an example of size 1 in a dynamic dim is repeated to size 2 (torch.export
+        specialises sizes 0 and 1). ``dynamic_shapes`` is None when the module is static."""
+        from torch.export import Dim
+
+        kwargs = dict(kwargs or {})
+        spec = self.input_spec
+        if spec is None or not spec.dynamic_dims():
+            return tuple(args), kwargs, None
+        dims: dict[str, Any] = {}
+        for name, (lo, hi) in spec.ranges.items():
+            dims[name] = Dim(name, min=max(int(lo), 1)) if hi is None else Dim(name, min=max(int(lo), 1), max=hi)
+        import inspect
+
+        sig = inspect.signature(self.forward)
+        bound = sig.bind(*args, **kwargs)
+        flat = iter(spec.inputs)
+        shapes: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        for pname, value in bound.arguments.items():
+            leaves, tree = pytree.tree_flatten(value)
+            specs, new = [], []
+            for leaf in leaves:
+                want = next(flat, None)
+                one: dict[int, Any] | None = None
+                if want is not None and isinstance(leaf, torch.Tensor) and leaf.dim() == len(want.dims):
+                    one = {}
+                    for d, w in want.dynamic().items():
+                        one[d] = dims[w] if w in dims else Dim.AUTO
+                        if int(leaf.shape[d]) == 1:
+                            leaf = torch.cat([leaf, leaf], dim=d)
+                    one = one or None
+                specs.append(one)
+                new.append(leaf)
+            shapes[pname] = pytree.tree_unflatten(specs, tree)
+            values[pname] = pytree.tree_unflatten(new, tree)
+        new_args = tuple(values[n] for n in list(bound.arguments)[:len(args)])
+        new_kwargs = {k: values[k] for k in kwargs}
+        return new_args, new_kwargs, shapes
 
     # --------------------------------------------------------------------------------------------- modes
     def _find_sites(self) -> list[ModeSite]:
