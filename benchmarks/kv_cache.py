@@ -17,8 +17,9 @@ against a real prefill in ``check_recorded_prefill``).
 evenly spaced 512-token windows of the second half. Each window is decoded through the cache: one prompt token,
 then the other 511 as a teacher-forced chunk that the cache splits at window boundaries, so every prediction reads
 what token-by-token decoding would (completed 32-token windows compressed, the current window full precision).
-Per density 1.0 / 0.5 / 0.25 (keys and values), untrained SVD vs ASVD vs fitted (ASVD + ``fit_lowrank_kv``), with
-and without the 4-bit cache: perplexity, top-1 agreement with the dense model, held-out K/V MSE, measured cache
+Per density 1.0 / 0.5 / 0.25 (keys and values), untrained SVD vs ASVD vs fitted (ASVD + ``fit_lowrank_kv``) and,
+with ``--methods lsq``, the closed-form optimum of the fitting objective (``method="lsq"``), with and without the
+4-bit cache: perplexity, top-1 agreement with the dense model, held-out K/V MSE, measured cache
 bytes after 512 tokens (every window compressed) and after 543 (31 tokens in the full-precision window).
 
 ``--part minilm`` (``results/kv_cache_minilm.json``): all-MiniLM-L6-v2 has no KV cache, so only the low-rank K/V
@@ -258,16 +259,18 @@ def run_cskv(args) -> dict:
     rows: list[dict] = []
     fits = {}
     for density in args.densities:
-        methods = ["svd"] if density >= 1.0 else ["svd", "asvd", "fitted"]
+        methods = [m for m in args.methods if density < 1.0 or m == "svd"]
         for method in methods:
-            if method == "fitted":  # continue from the ASVD factors attached just before
+            if method == "fitted":  # from ASVD factors (the ones attached just before when "asvd" precedes)
+                if "asvd" not in methods:
+                    lk.LowRankKV(density, density, method="asvd", calib=calib).apply(model)
                 t = time.perf_counter()
                 hist = lk.fit_lowrank_kv(model, fit_data, steps=args.steps, lr=args.lr)
                 fits[str(density)] = {"steps": args.steps, "lr": args.lr, "first_loss": hist[0], "last_loss": hist[-1],
                                       "seconds": time.perf_counter() - t,
                                       "loss_every_25": hist[::25]}
             else:
-                lk.LowRankKV(density, density, method=method, calib=calib if method == "asvd" else None).apply(model)
+                lk.LowRankKV(density, density, method=method, calib=None if method == "svd" else calib).apply(model)
             rows += evaluate({"density": density, "method": method})
     out = {"what": "CSKV on SmolLM2-135M-Instruct: bi-branch cache (window 32), decode-equivalent teacher forcing",
            "eval_windows": picks, "eval_tokens": count, "dense_ppl": dense_ppl, "dense_bytes_512": dense512,
@@ -304,7 +307,7 @@ def run_minilm(args) -> dict:
     t0 = time.perf_counter()
     rows = []
     for density in args.densities:
-        for method in (["svd"] if density >= 1.0 else ["svd", "asvd", "fitted"]):
+        for method in [m for m in args.methods if density < 1.0 or m == "svd"]:
             model, _ = data.minilm()
             lr = lk.LowRankKV(density, density, method="asvd" if method == "fitted" else method,
                               calib=calib if method != "svd" else None)
@@ -337,6 +340,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-windows", type=int, default=8, help="CSKV: 512-token evaluation windows")
     p.add_argument("--calib", type=int, default=4, help="CSKV: 512-token ASVD calibration windows")
     p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    p.add_argument("--methods", nargs="+", default=["svd", "asvd", "fitted"],
+                   choices=["svd", "asvd", "fitted", "lsq"], help="CSKV (and MiniLM) factorisations, in order")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lr-minilm", type=float, default=1e-3)
