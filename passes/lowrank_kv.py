@@ -3,7 +3,9 @@
 ``k_proj`` / ``v_proj`` (``W``, out x in) get a low-rank pair ``W^T ~ A^T B^T`` of rank ``r = int(density * D) *
 H_kv`` (the authors' per-head compressed width times the KV heads) from a truncated SVD of ``W^T`` (``"svd"``), or
 of ``diag(s) W^T`` with ``s = (mean |x| + 1e-6) ** 0.5`` over calibration activations, ``A`` then rescaled by
-``diag(1/s)`` (``"asvd"``); ``sqrt(Sigma)`` is split between ``A`` and ``B``. The cache stores the rank-``r``
+``diag(1/s)`` (``"asvd"``); ``sqrt(Sigma)`` is split between ``A`` and ``B``. ``"lsq"`` (ours, not the paper's)
+solves the layer-wise MSE objective of the fitting step in closed form (a whitened SVD over the calibration
+inputs' second moment). The cache stores the rank-``r``
 features ``c = x A^T`` *before* RoPE; attention reads ``K = RoPE(c B_K^T)`` and ``V = c B_V^T``.
 
 Bi-branch cache (the authors' "parallel inference"): the model keeps its original projections. The current window
@@ -44,7 +46,7 @@ from fxprune.errors import InputError
 from . import kv_cache
 from .kv_cache import AttnCall, KVCache, KVLayer, Tensor
 
-METHODS = ("svd", "asvd")
+METHODS = ("svd", "asvd", "lsq")
 BITS = (None, 4, 8)
 DECODER_TARGETS = ("k_proj", "v_proj")
 ENCODER_TARGETS = ("key", "value")
@@ -137,16 +139,35 @@ def find_targets(model: nn.Module, names: tuple[str, str] | None = None) -> list
     return out
 
 
+def lsq_factors(weight: Tensor, rank: int, gram: Tensor, damp: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``A`` (rank, in), ``B`` (out, rank) minimising ``||X (W^T - A^T B^T)||_F`` for inputs ``X`` with second
+    moment ``gram = X^T X / N`` (in, in): with ``gram = R^T R`` (Cholesky, ``damp`` * mean diagonal added), the
+    truncated SVD ``U S V^T`` of ``R W^T`` gives ``A^T = R^{-1} U sqrt(S)``, ``B^T = sqrt(S) V^T`` (a whitened SVD:
+    the exact optimum of the layer-wise MSE that :func:`fit_lowrank_kv` descends)."""
+    g = gram.double()
+    g = g + damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    r = torch.linalg.cholesky(g).transpose(0, 1)  # upper: g = r^T r
+    u, s, vh = torch.linalg.svd(r @ weight.detach().double().t(), full_matrices=False)
+    root = s[:rank].sqrt()
+    at = torch.linalg.solve_triangular(r, u[:, :rank] * root, upper=True)
+    return at.t().to(weight.dtype).contiguous(), (root[:, None] * vh[:rank]).t().to(weight.dtype).contiguous()
+
+
 @torch.no_grad()
-def input_abs_mean(model: nn.Module, linears: list[nn.Linear], calib: Any) -> dict[int, Tensor]:
-    """Mean ``|x|`` per input channel of each linear over every token of ``calib`` (ASVD's scale statistic)."""
-    sums: dict[int, Tensor] = {}
-    counts: dict[int, int] = {}
+def input_stats(model: nn.Module, linears: list[nn.Linear], calib: Any, *, gram: bool = False
+                ) -> dict[int, tuple[Tensor, Tensor | None]]:
+    """Per linear (by ``id``), over every token of ``calib``: the mean ``|x|`` per input channel (ASVD's scale
+    statistic) and, with ``gram``, the second moment ``X^T X / N`` (float64)."""
+    acc: dict[int, list] = {}
 
     def hook(mod: nn.Module, inp: tuple, out: Any) -> None:
-        x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-        sums[id(mod)] = sums.get(id(mod), 0) + x.abs().sum(0)
-        counts[id(mod)] = counts.get(id(mod), 0) + x.shape[0]
+        x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+        a = acc.setdefault(id(mod), [0, 0, 0])
+        a[0] = a[0] + x.float().abs().sum(0)
+        if gram:
+            xd = x.double()
+            a[1] = a[1] + xd.t() @ xd
+        a[2] += x.shape[0]
 
     handles = [lin.register_forward_hook(hook) for lin in {id(l): l for l in linears}.values()]
     try:
@@ -155,16 +176,23 @@ def input_abs_mean(model: nn.Module, linears: list[nn.Linear], calib: Any) -> di
     finally:
         for h in handles:
             h.remove()
-    if not counts:
+    if not acc:
         raise InputError("the calibration data produced no activations at the K/V projections")
-    return {k: sums[k] / counts[k] for k in sums}
+    return {k: (a[0] / a[2], a[1] / a[2] if gram else None) for k, a in acc.items()}
+
+
+def input_abs_mean(model: nn.Module, linears: list[nn.Linear], calib: Any) -> dict[int, Tensor]:
+    """Mean ``|x|`` per input channel of each linear over every token of ``calib`` (ASVD's scale statistic)."""
+    return {k: v[0] for k, v in input_stats(model, linears, calib).items()}
 
 
 class LowRankKV:
     """CSKV configuration and transforms (see the module docstring).
 
     ``k_density`` / ``v_density``: kept fraction of each head's width (rank ``int(density * head_dim) * heads``);
-    ``method``: ``"svd"`` or ``"asvd"`` (needs ``calib``: token-id tensors, dicts of model inputs, or a loader);
+    ``method``: ``"svd"``, ``"asvd"`` or ``"lsq"`` (the last two need ``calib``: token-id tensors, dicts of model
+    inputs, or a loader; ``"lsq"``, not in the paper, is the closed-form optimum of the layer-wise MSE that
+    :func:`fit_lowrank_kv` trains for, see :func:`lsq_factors`);
     ``alpha``: ASVD exponent; ``window`` / ``bits``: the bi-branch cache made by :meth:`apply`; ``targets``:
     (key, value) attribute names when not the usual ones. :meth:`attach` adds the pairs beside the projections
     (``<parent>.k_proj_lowrank``) without changing the model's outputs; :meth:`apply` also switches decoding to
@@ -180,8 +208,8 @@ class LowRankKV:
                 raise InputError(f"{name} must be in (0, 1], got {d}")
         if method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {method!r}")
-        if method == "asvd" and calib is None:
-            raise InputError("method='asvd' needs calibration data", fix="pass calib=[input_ids, ...]")
+        if method in ("asvd", "lsq") and calib is None:
+            raise InputError(f"method={method!r} needs calibration data", fix="pass calib=[input_ids, ...]")
         if bits not in BITS:
             raise InputError(f"bits must be one of {BITS}, got {bits!r}")
         if window < 1:
@@ -199,12 +227,15 @@ class LowRankKV:
         if not targets:
             raise InputError(f"no K/V projections found in {type(model).__name__}",
                              fix="pass targets=(key_attr, value_attr) naming the nn.Linear K/V projections")
-        scales: dict[int, Tensor] = {}
-        if self.method == "asvd":
-            means = input_abs_mean(model, [t.linear for t in targets], self.calib)
-            scales = {k: (m + 1e-6) ** self.alpha for k, m in means.items()}
+        stats: dict[int, tuple[Tensor, Tensor | None]] = {}
+        if self.method in ("asvd", "lsq"):
+            stats = input_stats(model, [t.linear for t in targets], self.calib, gram=self.method == "lsq")
         for t in targets:
-            A, B = svd_factors(t.linear.weight, self.rank(t), scales.get(id(t.linear)))
+            if self.method == "lsq":
+                A, B = lsq_factors(t.linear.weight, self.rank(t), stats[id(t.linear)][1])
+            else:
+                scale = (stats[id(t.linear)][0] + 1e-6) ** self.alpha if self.method == "asvd" else None
+                A, B = svd_factors(t.linear.weight, self.rank(t), scale)
             pair = LowRankPair(A, B, t.linear.bias).to(t.linear.weight.device)
             t.parent.add_module(t.attr + SUFFIX, pair)
         model.__dict__["_fxprune_lowrank_kv"] = self

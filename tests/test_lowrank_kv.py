@@ -179,6 +179,22 @@ def test_asvd_beats_svd_on_skewed_activations():
     assert errs["asvd"] < errs["svd"], errs
 
 
+def test_lsq_is_the_optimum_of_the_fitting_objective():
+    model, _ = tiny_hf()
+    calib = [ids_(48, seed=s) for s in range(4)]
+    errs = {}
+    for method in ("svd", "asvd", "lsq"):
+        LowRankKV(0.25, 0.25, method=method, calib=None if method == "svd" else calib).attach(model)
+        errs[method] = lk.kv_mse(model, calib)
+    LowRankKV(0.25, 0.25, method="asvd", calib=calib).attach(model)
+    lk.fit_lowrank_kv(model, calib, steps=40, lr=3e-3)
+    errs["fitted"] = lk.kv_mse(model, calib)
+    assert errs["lsq"] <= min(errs.values()) + 1e-7, errs
+    # at full rank it is exact as well
+    LowRankKV(1.0, 1.0, method="lsq", calib=calib).attach(model)
+    assert lk.kv_mse(model, calib) < 1e-9
+
+
 def test_mse_falls_while_fitting():
     model, _ = tiny_hf()
     LowRankKV(0.25, 0.25).apply(model)
