@@ -410,9 +410,11 @@ def _export_dynamo(module: nn.Module, args: tuple, kwargs: dict, path: str, *, o
             args, kwargs, shapes = export_inputs(args, kwargs)
         else:
             shapes = _dynamic_shapes(args, kwargs)
-    torch.onnx.export(module, args, path, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-                      dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
-                      external_data=external, verbose=False, optimize=True)
+    with warnings.catch_warnings():  # inputs sharing a Dim: torch says so once per input
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        torch.onnx.export(module, args, path, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                          dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
+                          external_data=external, verbose=False, optimize=True)
 
 
 def default_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str] | None, list[str] | None]:
