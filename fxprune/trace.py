@@ -469,8 +469,8 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
                 except Exception as e:  # torch raises many types here; classified below
                     failures.append((attempt, e))
                     log.debug("trace attempt %s failed: %s", attempt.label, _first_line(e))
-                    if attempt.explicit:
-                        break
+                    if attempt.explicit or _shape_independent(e):
+                        break  # static shapes would fail the same way: do not trace again
             if ep is None:
                 attempt, err = failures[-1]
                 raise _trace_error(model, work, args, kwargs, err, explicit=attempt.explicit) from err
@@ -641,6 +641,15 @@ _DATA_DEP = re.compile(r"data-dependent|data dependent|GuardOnDataDependent|Data
                        r"DynamicOutputShape", re.I)
 _UNSUPPORTED = re.compile(r"no fake impl|UnsupportedOperator|fake impl|register_fake|Could not run '|"
                           r"NotImplementedError|not implemented for|no kernel|unsupported", re.I)
+
+
+def _shape_independent(e: BaseException) -> bool:
+    """A failure that no choice of dynamic dims changes: data-dependent values (``.item()``, branches on tensor
+    values: unbacked symbols), ops without a fake implementation, tensors on different devices."""
+    name = type(e).__name__
+    text = _clean(str(e))
+    return (name.startswith(("GuardOnDataDependent", "DataDependent", "UnsupportedOperator"))
+            or "no fake impl" in text or "same device" in text)
 
 
 def _trace_error(model: nn.Module, work: nn.Module, args: tuple, kwargs: dict, e: BaseException, *,
