@@ -163,14 +163,16 @@ class Report:
     def table(self, max_rows: int = 60) -> str:
         head = (f"  {'group':>5}  {'kind':<8}  {'channels':>13}  {'members':>7}  {'layer':<40}  "
                 f"{'importance min/mean/max':<24}  note")
-        rows = [head, "  " + "-" * (len(head) + 8)]
+        rows = [head, "  " + "-" * (len(head) - 2)]
         shown = sorted(self.groups, key=lambda g: (g.frozen is not None, g.id))
         for g in shown[:max_rows]:
             ch = f"{g.before} -> {g.after}"
-            note = f"frozen: {g.frozen}" if g.frozen else ""
+            note = f"frozen: {g.frozen}" if g.frozen else ""  # the last column: never cut
             imp = "/".join(f"{v:.3g}" for v in g.importance) if g.importance else ""
-            rows.append(f"  {g.id:>5}  {g.kind:<8}  {ch:>13}  {g.members:>7}  {g.label[:40]:<40}  {imp:<24}  "
-                        f"{note[:90]}")
+            # a long label keeps its end (the parameter and dim) behind an ellipsis; report.md has it in full
+            label = g.label if len(g.label) <= 40 else "…" + g.label[-39:]
+            rows.append(f"  {g.id:>5}  {g.kind:<8}  {ch:>13}  {g.members:>7}  {label:<40}  {imp:<24}  "
+                        f"{note}".rstrip())
         if len(shown) > max_rows:
             rows.append(f"  ... {len(shown) - max_rows} more groups (Report.to_dict() has all)")
         if self.unknown_ops:

@@ -75,3 +75,12 @@ def test_saved_report_json_paths_and_latency_key(tmp_path, monkeypatch):
     assert all(os.sep not in name for name in rep["files"])
     md = (tmp_path / "sub" / "folder" / "report.md").read_text()
     assert "| onnxruntime | 2 | 2 | 2.000 | 1.000 | 2.000x | 2.500x |" in md
+
+
+def test_text_table_cuts_labels_with_an_ellipsis_only():
+    table = _report().table()
+    row = next(ln for ln in table.splitlines() if ln.strip().startswith("0 "))
+    assert "…" + LONG[-39:] in row and LONG not in row  # the end (parameter and dim) stays readable
+    assert "encoder.layers.0.attn.q.weight[0]" in table  # short labels whole
+    assert "frozen: graph output | with a pipe" in table  # the note, the last column, whole
+    assert all(ln == ln.rstrip() for ln in table.splitlines())
