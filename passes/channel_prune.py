@@ -40,6 +40,8 @@ class ChannelPrune(Pass):
     ``"freeze"`` (default: never pruned), ``"exact"`` (pruned; Shrink pins the statistics' original divisor, so
     shrunk == masked is verified) or ``"renormalize"`` (pruned; the norms normalise over the kept width like a
     smaller stock model, which is *not* the masked program: the report says approximate, with the deviation).
+    ``norm_scale``: groups that normalisations observe (the hidden size) are pruned at ``norm_scale * ratio`` (local
+    and uniform scopes; 0 keeps them), e.g. to prune the residual stream less than the MLPs.
     ``importance="activation"`` / ``"taylor"``: calibration importance over ``ctx.data``
     (:mod:`fxprune.passes.activation_importance`; Minitron's activation criterion, first-order Taylor).
     """
@@ -50,7 +52,7 @@ class ChannelPrune(Pass):
     def __init__(self, ratio: float | None = None, *, target_macs: float | None = None,
                  target_params: float | None = None, importance: Any = "l2", scope: str = "local",
                  round_to: int = 1, ignore: str | Iterable[Any] = (), heads: bool = False, max_ratio: float = 0.9,
-                 norms: str = "freeze"):
+                 norms: str = "freeze", norm_scale: float = 1.0):
         if sum(x is not None for x in (ratio, target_macs, target_params)) != 1:
             raise InputError("give exactly one of ratio=, target_macs= or target_params=",
                              fix="e.g. ChannelPrune(ratio=0.5), ChannelPrune(target_macs=0.5) or "
@@ -79,6 +81,11 @@ class ChannelPrune(Pass):
         self.target_macs = target_macs
         self.target_params = target_params
         self.norms = norms
+        if not (isinstance(norm_scale, (int, float)) and 0.0 <= norm_scale <= 1.0):
+            raise InputError(f"norm_scale must be in [0, 1], got {norm_scale!r}",
+                             fix="the hidden size is pruned at norm_scale * ratio, e.g. 0.25")
+        self.norm_scale = norm_scale
+        self._normalized: set[int] = set()  # set per run: groups observed by normalisations
         self.importance = importance
         self.scope = scope
         self.round_to = round_to
@@ -144,7 +151,7 @@ class ChannelPrune(Pass):
         masks: dict[int, np.ndarray] = {}
         if self.scope in ("local", "uniform"):  # uniform: equal-size groups of one role keep equal counts
             for g in groups:
-                k = self._keep_count(g.size, ratio)
+                k = self._keep_count(g.size, ratio * (self.norm_scale if g.id in self._normalized else 1.0))
                 masks[g.id] = _top_k(scores[g.id], k)
             return masks
         # global: one threshold over normalised scores, bounded per group by max_ratio and rounding
@@ -164,6 +171,7 @@ class ChannelPrune(Pass):
     # ------------------------------------------------------------------ run
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         gs = use_norm_mode(program, self.norms)
+        self._normalized = normalized_groups(gs)
         groups = self.candidates(program)
         if self.scope == "uniform":
             _check_uniform(groups)
@@ -252,6 +260,20 @@ def use_norm_mode(program: Program, norms: str) -> GroupSet:
     new.norm_mode = norms  # type: ignore[attr-defined]
     program.analyses.put("groups", new)
     return new
+
+
+def normalized_groups(gs: GroupSet) -> set[int]:
+    """Ids of the groups whose channels a normalisation statistic observes (recorded by the norm-mode rules)."""
+    t = gs.analysis.table
+    out: set[int] = set()
+    for aux in gs.analysis.aux.values():
+        info = aux.get("norm") if isinstance(aux, dict) else None
+        for s in (info or {}).get("dims", ()):
+            for leaf in t.leaves(s):
+                g = gs.by_space(leaf)
+                if g is not None:
+                    out.add(g.id)
+    return out
 
 
 _LAYER = re.compile(r"\.\d+\.")
