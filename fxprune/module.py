@@ -39,7 +39,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from .errors import InputError
 from .log import get_logger
-from .trace import InputSpec
+from .trace import InputSpec, flat_input_names
 
 log = get_logger("module")
 
@@ -169,8 +169,9 @@ def _eval_dim(expr: str, env: dict[str, int]) -> int | None:
 
 # ================================================================================================ names
 def input_names(gm: fx.GraphModule) -> list[str]:
-    """The names of ``gm``'s flat inputs: its placeholders (forward parameters, nested inputs with a suffix)."""
-    return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    """The names of ``gm``'s flat inputs: the forward parameters (``x``, ``input``, ``input_ids``), with a suffix
+    ``_<i>`` per tensor of a nested input; the placeholder names where the structure is unknown."""
+    return flat_input_names(gm)
 
 
 def output_names(gm: fx.GraphModule, n: int | None = None) -> list[str]:
@@ -376,6 +377,17 @@ class PrunedModule(fx.GraphModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
                     log.warning("%s: BatchNorm with momentum=None (cumulative average) updates its running "
                                 "statistics with momentum 0 in the pruned module's training mode (frozen)", s.owner)
+
+    def norm_modules(self) -> list[nn.Module]:
+        """The submodules whose ``training`` flag drives a BatchNorm/InstanceNorm node: ``m.eval()`` on them (after
+        ``module.train()``) keeps those statistics frozen while the rest trains."""
+        out: list[nn.Module] = []
+        for s in self._fxprune_sites:
+            if MODE_OPS[s.op][2] == "norm" and s.owner:
+                m = self.get_submodule(s.owner)
+                if all(m is not o for o in out):
+                    out.append(m)
+        return out
 
     def train(self, mode: bool = True) -> "PrunedModule":
         """Training (``True``) or eval mode for every submodule, and the graph's BatchNorm/dropout nodes."""

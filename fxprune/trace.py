@@ -321,10 +321,10 @@ def _sym_name_map(gm: fx.GraphModule, ep: Any, attempt: _Attempt, leaves: list[A
         used.add(nm)
         return nm
 
-    top = {p.name: p.name for p in placeholders}
+    flat_names = flat_input_names(gm)
     inputs: list[InputDims | None] = []
     exprs: list[list[Any]] = []
-    for p, leaf in zip(placeholders, leaves + [None] * (len(placeholders) - len(leaves))):
+    for p, pname in zip(placeholders, flat_names):
         val = p.meta.get("val")
         if not isinstance(val, torch.Tensor):
             inputs.append(None)
@@ -335,7 +335,7 @@ def _sym_name_map(gm: fx.GraphModule, ep: Any, attempt: _Attempt, leaves: list[A
             e = s.node.expr if isinstance(s, torch.SymInt) else int(s)
             row.append(e)
             if isinstance(e, sympy.Symbol) and e not in names:
-                given = attempt.names.get((top.get(p.name, p.name), d))
+                given = attempt.names.get((pname, d))
                 if given:
                     names[e] = given
                     used.add(given)
@@ -344,9 +344,9 @@ def _sym_name_map(gm: fx.GraphModule, ep: Any, attempt: _Attempt, leaves: list[A
                 elif d == 1 and val.dtype in _INT_TYPES and val.dim() == 2:
                     names[e] = fresh("seq")
                 else:
-                    names[e] = fresh(f"{p.name}_dim{d}")
+                    names[e] = fresh(f"{pname}_dim{d}")
         exprs.append(row)
-        inputs.append(InputDims(p.name, str(val.dtype).replace("torch.", ""), ()))
+        inputs.append(InputDims(pname, str(val.dtype).replace("torch.", ""), ()))
     subs = {s: sympy.Symbol(n, integer=True, positive=True) for s, n in names.items()}
     for i, row in enumerate(exprs):
         if inputs[i] is None:
@@ -377,6 +377,30 @@ def _bound(x: Any) -> int | None:
         return int(x) if getattr(x, "is_finite", True) is True or isinstance(x, int) else None
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
+
+
+def flat_input_names(gm: fx.GraphModule) -> list[str]:
+    """The names of ``gm``'s flat inputs: the forward parameters (``x``, ``input``, ``input_ids``), with a suffix
+    ``_<i>`` per tensor of a nested input; the placeholder names where the structure is unknown."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    codegen = getattr(gm.graph, "_codegen", None)
+    info = getattr(codegen, "pytree_info", None)
+    spec = getattr(gm, "_in_spec", None)
+    if info is None or spec is None:
+        return placeholders
+    try:
+        if spec.type is tuple and spec.num_children == 2 and spec.child(1).type is dict:
+            children = [spec.child(0).child(i) for i in range(spec.child(0).num_children)] + \
+                [spec.child(1).child(i) for i in range(spec.child(1).num_children)]
+        else:
+            children = [spec.child(i) for i in range(spec.num_children)]
+        names: list[str] = []
+        for arg, child in zip(info.orig_args, children):
+            n = child.num_leaves
+            names += [arg] if n == 1 and child.is_leaf() else [f"{arg}_{i}" for i in range(n)]
+    except Exception:  # noqa: BLE001 - an unusual structure: the placeholder names
+        return placeholders
+    return names if len(names) == len(placeholders) and len(set(names)) == len(names) else placeholders
 
 
 def _dynamic_batch(spec: InputSpec, leaves: list[Any]) -> bool:

@@ -128,6 +128,16 @@ def test_submodule_flags_drive_their_nodes():
         mod(x)
     assert torch.equal(mod.bn1.running_mean, rm1)
     assert not torch.equal(mod.bn2.running_mean, rm2)
+    mod.train()
+    for m in mod.norm_modules():  # every BatchNorm frozen, the rest (dropout) trains
+        m.eval()
+    assert mod.norm_modules() == [mod.bn1, mod.bn2]
+    rm1, rm2 = mod.bn1.running_mean.clone(), mod.bn2.running_mean.clone()
+    with torch.no_grad():
+        mod(x)
+    assert torch.equal(mod.bn1.running_mean, rm1) and torch.equal(mod.bn2.running_mean, rm2)
+    assert [n.args[2] for n in mod.graph.nodes if str(n.target) == "aten.dropout.default"] == [True]
+    mod.train()
     for m in mod.modules():  # flags set directly (no train() call) are honoured at the next call
         m.training = False
     rm2 = mod.bn2.running_mean.clone()
