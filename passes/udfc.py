@@ -23,7 +23,8 @@ else, distinct channels are taken as independent (``corr = 0``; only the means c
 channels (and, with ``bits``, every channel: its quantisation error is the damaged part), the basis ``B`` the kept
 channels after quantisation. ``mode="lstsq"`` minimises ``E[(a_t - sum_b c_tb a^_b - c_t0)^2]`` for each target:
 ``C = E[a_T a^_B^T] (E[a^_B a^_B^T] + ridge)^-1`` (the intercept ``c_t0`` only where every consumer has a bias or
-an eval-mode BN right after it to take it). ``mode="single"`` is the paper's merge: the removed channel ``j`` goes
+an eval-mode BN right after it to take it, no zero padding and no max pool in between: a constant is exact only
+there). ``mode="single"`` is the paper's merge: the removed channel ``j`` goes
 to the kept channel ``k`` with the most similar filter (cosine, signed by gamma) with
 ``s = E[a_j a^_k] / E[a^_k^2]`` under the paper's copy assumption ``z_j = z_k``; a kept quantised channel ``c``
 gets ``s_c = E[a_c a^_c] / E[a^_c^2]``. ``mode="none"`` only quantises (the uncompensated baseline). The
@@ -44,10 +45,16 @@ weight-space single merge of Neuron Merging (Kim et al., 2020): ``k`` = most sim
 
 With ``bits``, every conv/linear weight (not transposed) is quantised, each after the compensation folded into its
 own columns (graph order), with the per-output-channel scale taken over the input columns that stay. Biases, BN
-parameters and activations stay float.
+parameters and activations stay float. ``bias_correction`` (default on; not in the paper: DFQ's analytic bias
+correction, Nagel et al. 2019) removes the mean shift ``dW . E[input]`` the rounding causes, with ``E[input]`` in
+closed form from the BN(+ReLU) feeding the layer (through a max pool its input mean is used, a lower bound), into
+the layer's bias or the running mean of the BN right after it. The white-input model has no input mean, so
+without this the mean shift, the largest quantisation error behind a ReLU, is not compensated at all.
+
+Derivation, measured accuracy and where this departs from the paper: ``docs/udfc.md``.
 
 Stats: per group ``status`` (compensated / partial / skipped), targets, consumers, ``reasons``; ``skipped`` (group,
-label, reason); ``quantized`` params; and on the program's example inputs (``measure=True``) the max and relative
+label, reason); ``quantized`` params; ``bias_corrected`` layers; ``inexact`` (approximations); and on the program's example inputs (``measure=True``) the max and relative
 output change against the dense model with compensation (``max_change``, ``rel_change``) and without it
 (``*_without``: same selection, same quantisation, no compensation).
 """
@@ -394,6 +401,7 @@ def _input_means(n: Any, param: Any) -> tuple[torch.Tensor | None, bool]:
             if _bn_training(n):
                 return None
             v = _val(n)
+            v = v[0] if isinstance(v, (tuple, list)) and v else v
             C = int(v.shape[1]) if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
             if C is None:
                 return None
@@ -497,6 +505,7 @@ class UDFCompensate(Pass):
     ``intercept``: also fit a constant per target, folded into the consumer's bias (lstsq only).
     ``ridge``: Tikhonov term, relative to the mean diagonal of the basis moments.
     ``no_bn``: ``"skip"`` BN-free sites, or ``"merge"`` them with the weight-space single merge (Neuron Merging).
+    ``bias_correction``: with ``bits``, remove each quantised layer's output mean shift (closed-form input means).
     ``measure``: output change against the dense model on the example inputs, with and without compensation.
     """
 
@@ -671,6 +680,10 @@ class _Work:
     # ------------------------------------------------------------------ main loop
     def run(self, mode: str) -> None:
         self.mode = mode
+        if self.p.bits is not None and self.p.bits <= 2 and mode != "none":
+            self.notes.append("bits <= 2: the white-input model overestimates the rounding noise and its shrinkage "
+                              "compounds over layers (measured: compensation worse than none at 2 bits, "
+                              "docs/udfc.md)")
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         sites: dict[tuple[fx.Node, str], list[_Consumer]] = {}
         cons_nodes: set[fx.Node] = set()
@@ -732,8 +745,15 @@ class _Work:
             if nm is not None and (self._canon(nm), 0) in self.members:
                 owners = self.members[(self._canon(nm), 0)]
                 break
-        nchan = _val(snode).shape[1] if isinstance(_val(snode), torch.Tensor) else None
+        v = _val(snode)
+        v = v[0] if isinstance(v, (tuple, list)) and v else v  # _native_batch_norm_legit_* return tuples
+        nchan = v.shape[1] if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
         if not owners or nchan is None:
+            for c in consumers:
+                for g, _ in self.members.get((c.weight, 1), []):
+                    if self._needs_work(g):
+                        self._group_info(g)["reasons"].append(
+                            f"{c.node.name}: the channels of {snode.name} are not indexed by any group parameter")
             return
         gamma, beta, G, Ghat, model = self._variables(bn, producers, snode, int(nchan))
         self.site = snode
