@@ -15,6 +15,7 @@ from .pdp import PDP
 from .shrink import Shrink
 from .unstructured import Unstructured
 from .udfc import UDFCompensate
+from .pagcp import PAGCP; from .precrop import PreCrop; from .tas import TASearch, TASTrainer  # noqa: E702 (issue 15)
 
 __all__ = ["ChannelPrune", "ApplyMasks", "Shrink", "BNScalePrune", "GroupChannelPrune", "AbsorbBNShift",
            "YOLOV4_QUANTILES", "Unstructured", "NMSparsity", "BlockSparsity", "BlockSparseRewrite", "HeadPrune",
