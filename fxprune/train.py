@@ -422,4 +422,8 @@ def __getattr__(name: str) -> Any:
         from fxprune.passes.ftwt import FTWTLoss
 
         return FTWTLoss
+    if name == "fit_lowrank_kv":  # CSKV's layer-wise K/V fitting lives beside its cache in passes/lowrank_kv.py
+        from fxprune.passes.lowrank_kv import fit_lowrank_kv
+
+        return fit_lowrank_kv
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ from .nm_sparsity import NMSparsity
 from .pdp import PDP
 from .shrink import Shrink
 from .unstructured import Unstructured
+from .think import ThinKCache; from .lowrank_kv import LowRankKV, LowRankKVCache  # noqa: E702 (KV-cache methods)
 from .udfc import UDFCompensate
 from .pagcp import PAGCP; from .precrop import PreCrop; from .tas import TASearch, TASTrainer  # noqa: E702 (issue 15)
 

@@ -213,6 +213,15 @@ def test_mse_falls_while_fitting():
                                    fresh(input_ids=held[0], use_cache=False).logits)
 
 
+def test_train_reexport_and_package_exports():
+    from fxprune import passes
+    from fxprune import train as fxtrain
+
+    assert fxtrain.fit_lowrank_kv is lk.fit_lowrank_kv
+    assert passes.LowRankKV is LowRankKV and passes.LowRankKVCache is LowRankKVCache
+    assert passes.ThinKCache.__module__ == "fxprune.passes.think"
+
+
 def test_generate_runs_with_default_cache():
     model, _ = tiny_hf()
     ids = ids_(70)
