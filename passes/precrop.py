@@ -14,6 +14,7 @@ The paper's finding: what a pruning-at-initialization (PAI) method really decide
    (``allocation="ratio"``); or, with ``allocation="convex"``, the densities come from the paper's convex program
    instead of a scorer: maximise ``sum_l log d_l(rho)`` subject to the parameter budget (a geometric program in
    ``log rho``; solved by a Lagrange multiplier bisection) [derived: our reading of the ICLR version];
+   ``allocation="uniform"`` (no scorer) is uniform width scaling, the baseline;
 3. fits the integer channel counts to the parameter budget (``density x`` the dense parameter count; a common
    scale on all ratios, bisection) and keeps the *first* ``k_g`` channels of every group;
 4. re-initialises the weights for the narrower network (``init="default"``: PyTorch's default rule at the cropped
@@ -45,7 +46,7 @@ from fxprune.program import Program, Stage
 from fxprune.records import SelectionRecord
 
 SCORERS = ("synflow", "snip", "grasp")
-ALLOCATIONS = ("ratio", "convex")
+ALLOCATIONS = ("ratio", "convex", "uniform")
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ class PreCrop(Pass):
     modifies_weights = True  # re-initialisation
 
     def __init__(self, density: float, scorer: Literal["synflow", "snip", "grasp"] = "synflow",
-                 allocation: Literal["ratio", "convex"] = "ratio", min_width: float | int = 0.05, *,
+                 allocation: Literal["ratio", "convex", "uniform"] = "ratio", min_width: float | int = 0.05, *,
                  data: Any = None, loss: Callable[..., Any] | None = None, batches: int = 1, iterations: int = 100,
                  round_to: int = 1, init: Literal["default", "kaiming", "keep"] = "default", steps: int = 400):
         if not (isinstance(density, (int, float)) and 0 < density <= 1):
@@ -305,7 +306,7 @@ class PreCrop(Pass):
         if scorer not in SCORERS:
             raise InputError(f"unknown scorer {scorer!r}", fix=f"use one of {', '.join(SCORERS)}")
         if allocation not in ALLOCATIONS:
-            raise InputError(f"unknown allocation {allocation!r}", fix="use 'ratio' or 'convex'")
+            raise InputError(f"unknown allocation {allocation!r}", fix="use 'ratio', 'convex' or 'uniform'")
         if isinstance(min_width, float) and not 0 < min_width <= 1 or isinstance(min_width, int) and min_width < 1:
             raise InputError(f"min_width must be a fraction in (0, 1] or a channel count >= 1, got {min_width!r}",
                              fix="e.g. min_width=0.05 or min_width=4")
@@ -377,9 +378,12 @@ class PreCrop(Pass):
                 return (w * (pm.log_density(rho)[widx] - logd) ** 2).sum()
 
             rho = _fit(pm, lo, objective, init, self.steps)
-        else:
+        elif self.allocation == "convex":
             dens = {}
             rho = self._convex(pm, lo, init, widx, target)
+        else:  # uniform width scaling: one ratio for every group (the baseline PreCrop is compared with)
+            dens = {}
+            rho = torch.ones(len(free), dtype=torch.float64)
         counts = self._fit_budget(pm, rho, sizes, lo_count, target)
         ratios = counts / sizes
         achieved = float(pm.params(ratios))

@@ -45,7 +45,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -739,7 +739,8 @@ def arch_graph(supernet: nn.Module, widths: Mapping[int, int] | None = None,
             if mod.has_bn:
                 i = mod.widths.index(widths[mod.group])
                 k = mod.widths[i]
-                src = (mod.weights[i], mod.biases[i], getattr(mod, f"running_mean_{i}"), getattr(mod, f"running_var_{i}"))
+                src = (mod.weights[i], mod.biases[i], getattr(mod, f"running_mean_{i}"),
+                       getattr(mod, f"running_var_{i}"))
                 args = []
                 with graph.inserting_before(n):
                     for name, val in zip(mod.bn_names, src):
@@ -817,15 +818,17 @@ class LogitKD(nn.Module):
         self.alpha, self.T = float(alpha), float(temperature)
 
     def forward(self, *args: Any) -> tuple[Any, torch.Tensor]:
-        from fxprune.train import _set_mode
-
         out = self._student[0](*args)
         teacher = self._teacher[0]
-        was = teacher.training
-        _set_mode(teacher, False)
-        with torch.no_grad():
-            t = teacher(*args)
-        _set_mode(teacher, was)
+        modes = [(m, m.training) for m in teacher.modules()]
+        for m, _ in modes:  # eval mode (exported modules refuse .eval(): set the flags)
+            m.training = False
+        try:
+            with torch.no_grad():
+                t = teacher(*args)
+        finally:
+            for m, was in modes:
+                m.training = was
         s_logits = next(x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor))
         t_logits = next(x for x in tree_flatten(t)[0] if isinstance(x, torch.Tensor))
         kd = F.kl_div(F.log_softmax(s_logits / self.T, -1), F.softmax(t_logits / self.T, -1),

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import fxprune
 from fxprune import models
@@ -44,7 +42,7 @@ def test_synflow_is_data_free_and_hits_the_density(resnet):
     assert out.report.verified
 
 
-@pytest.mark.parametrize("density,allocation", [(0.3, "ratio"), (0.5, "ratio"), (0.3, "convex")])
+@pytest.mark.parametrize("density,allocation", [(0.3, "ratio"), (0.5, "ratio"), (0.3, "convex"), (0.3, "uniform")])
 def test_params_within_2_percent_and_groups_respected(resnet, density, allocation):
     model, ex = resnet
     out = fxprune.compile(model, ex, passes=[PreCrop(density, "synflow", allocation, iterations=20), Shrink()])
