@@ -633,9 +633,30 @@ class TASTrainer:
             return -torch.log(e), cur
         return e.new_zeros(()), cur
 
+    def in_band(self) -> bool:
+        """Whether the arg-max architecture's MACs are in [target - tolerance, target]."""
+        cur = self.ctrl.macs_of()
+        return self.ctrl.target_macs - self.ctrl.tolerance_macs <= cur <= self.ctrl.target_macs
+
+    def settle(self, max_steps: int = 300) -> int:
+        """Architecture-only steps on the cost loss until the arg-max MACs are in the band (or ``max_steps``).
+        Returns the steps taken. Not in TAS: short searches end with nearly flat logits whose arg-max can sit
+        outside the band; these steps move only ``alpha``/``beta`` (weights untouched)."""
+        n = 0
+        while n < max_steps and not self.in_band():
+            closs, _ = self.cost_loss()
+            self.a_opt.zero_grad(set_to_none=True)
+            if not closs.requires_grad:
+                break
+            closs.backward()
+            self.a_opt.step()
+            n += 1
+        return n
+
     def fit(self, data: Any, arch_data: Any = None, *, epochs: int = 1, max_steps: int | None = None,
-            log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
-        """Search for ``epochs`` passes over the data (``arch_data`` default: the second half of ``data``)."""
+            settle: int = 300, log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+        """Search for ``epochs`` passes over the data (``arch_data`` default: the second half of ``data``); then
+        :meth:`settle` for at most ``settle`` architecture-only steps (0: off) so the arg-max meets the budget."""
         from fxprune.train import train_mode
 
         torch.manual_seed(self.seed)
@@ -675,10 +696,13 @@ class TASTrainer:
                             log(f"step {step}: w {float(wloss.detach()):.3f} a {float(aloss.detach()):.3f} argmax MACs "
                                 f"{cur / self.ctrl.dense_macs:.3f} of dense, tau {self.ctrl.tau:.2f}")
                         if max_steps is not None and step >= max_steps:
-                            return self.history
+                            break
+                    if max_steps is not None and step >= max_steps:
+                        break
         finally:
             self.ctrl.mode = "argmax"
-            self.seconds = time.perf_counter() - t0
+        self.settle_steps = self.settle(settle) if settle else 0
+        self.seconds = time.perf_counter() - t0
         return self.history
 
 

@@ -119,13 +119,18 @@ def test_trainer_alternates_on_two_halves():
     alpha0 = {k: v.detach().clone() for k, v in ctrl.alpha.items()}
     w0 = out.module.get_parameter("conv1.weight").detach().clone()
     tr = TASTrainer(out.module, lambda o, y: F.cross_entropy(o, y), arch_lr=0.05, lambda_cost=5.0)
-    hist = tr.fit(_toy_data(128, 12), epochs=2)
+    hist = tr.fit(_toy_data(128, 12), epochs=2, settle=0)
     assert len(hist) == 2 * 4  # 64 samples per half, batches of 16
     assert all(np.isfinite([h["weight_loss"], h["arch_loss"], h["cost_loss"]]).all() for h in hist)
     assert hist[0]["tau"] == pytest.approx(5.0) and hist[-1]["tau"] == pytest.approx(0.1)
     assert any(not torch.equal(alpha0[k], v.detach()) for k, v in ctrl.alpha.items())
     assert not torch.equal(w0, out.module.get_parameter("conv1.weight").detach())
     assert ctrl.mode == "argmax"
+    # settle: architecture-only steps bring the arg-max into the band without touching the weights
+    w1 = out.module.get_parameter("conv1.weight").detach().clone()
+    tr.settle(300)
+    assert tr.in_band()
+    assert torch.equal(w1, out.module.get_parameter("conv1.weight").detach())
 
 
 def test_materialised_net_equals_the_argmax_path():
