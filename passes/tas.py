@@ -642,14 +642,21 @@ class TASTrainer:
         """Architecture-only steps on the cost loss until the arg-max MACs are in the band (or ``max_steps``).
         Returns the steps taken. Not in TAS: short searches end with nearly flat logits whose arg-max can sit
         outside the band; these steps move only ``alpha``/``beta`` (weights untouched)."""
-        n = 0
+        lr = self.a_opt.param_groups[0]["lr"]
+        opt = torch.optim.Adam(self.ctrl.arch_parameters(), lr=lr, betas=(0.5, 0.999))
+        n, side = 0, 0
         while n < max_steps and not self.in_band():
-            closs, _ = self.cost_loss()
-            self.a_opt.zero_grad(set_to_none=True)
+            closs, cur = self.cost_loss()
             if not closs.requires_grad:
                 break
+            s = 1 if cur > self.ctrl.target_macs else -1
+            if side and s != side:  # jumped over the band: smaller steps (the arg-max moves in discrete jumps)
+                for g in opt.param_groups:
+                    g["lr"] *= 0.5
+            side = s
+            opt.zero_grad(set_to_none=True)
             closs.backward()
-            self.a_opt.step()
+            opt.step()
             n += 1
         return n
 
