@@ -133,8 +133,23 @@ def _own_tensors(gm: nn.Module, model: nn.Module) -> int:
     return copied
 
 
+def _check_run_options(seed: Any, verify: Any, rtol: Any) -> None:
+    """``seed``: an int >= 0; ``verify``: a bool; ``rtol``: None (bound derived from the arithmetic, see
+    docs/verification.md) or a finite number in (0, 1)."""
+    import math
+    import numbers
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InputError(f"seed must be an int >= 0, got {seed!r}", fix="pass e.g. seed=0")
+    if not isinstance(verify, bool):
+        raise InputError(f"verify must be True or False, got {verify!r}", fix="pass verify=True or verify=False")
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float))
+                             or not math.isfinite(rtol) or not 0 < rtol < 1):
+        raise InputError(f"rtol must be None or a number in (0, 1), got {rtol!r}",
+                         fix="leave rtol=None (bound from the arithmetic) or pass e.g. rtol=1e-3")
+
+
 def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None = None, *,
-            example_kwargs: dict | None = None, seed: int = 0, verify: bool = True, rtol: float = 1e-4,
+            example_kwargs: dict | None = None, seed: int = 0, verify: bool = True, rtol: float | None = None,
             data: Any = None, count_flops: bool = True, dynamic: Any = None) -> Compiled:
     """Trace ``model``, run ``passes`` (default: ``[ChannelPrune(ratio=0.5), Shrink()]``) and return a
     :class:`Compiled` with the new module and a report. The user's model is never modified.
@@ -153,6 +168,7 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}",
                          fix="pass an nn.Module instance (wrap plain functions in a Module)")
+    _check_run_options(seed, verify, rtol)
     passes = default_passes() if passes is None else list(passes)
     timings: dict[str, float] = {}
 
@@ -234,7 +250,8 @@ def _report(model: nn.Module, groups: GroupSet, initial: Program, final: Program
             verified = bool(r.stats["verified"]) if verified is None else (verified and bool(r.stats["verified"]))
             max_diff = max(max_diff or 0.0, float(r.stats["max_abs_diff"]))
             observable = r.stats.get("observable")
-        if r.stats.get("approximate"):  # renormalized norms: a measured deviation, never "verified"
+        if r.stats.get("approximate") is True and "max_abs_diff" in r.stats:  # renormalized norms (Shrink): a
+            # measured deviation, never "verified" (other passes' "approximate" lists are their own notes)
             approximate, verified = True, None
             max_diff = max(max_diff or 0.0, float(r.stats["max_abs_diff"]))
             observable = r.stats.get("observable")

@@ -150,7 +150,7 @@ def _times(r: float) -> str:
 
 
 def _suggest(res: VerifyResult) -> float:
-    return 2 * res.max_abs_diff / max(res.output_scale, 1e-30)
+    return min(0.5, 2 * res.max_abs_diff / max(res.output_scale, 1e-30))
 
 
 def random_like(args: tuple, kwargs: dict, seed: int) -> tuple[tuple, dict]:

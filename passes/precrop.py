@@ -289,7 +289,11 @@ class PreCrop(Pass):
     parameter count). ``data``/``loss``/``batches``: for SNIP and GraSP (default: ``compile(data=...)``,
     cross-entropy of the first output, one batch). ``iterations``: SynFlow rounds. ``round_to``: kept channel counts
     are multiples of it. ``init``: ``"default"`` (PyTorch's default init at the cropped fan-in, BN identity),
-    ``"kaiming"`` (He normal, fan-out) or ``"keep"`` (the initial weights, cropped)."""
+    ``"kaiming"`` (He normal, fan-out) or ``"keep"`` (the initial weights, cropped). ``scorer``: the pruning-at-
+    initialization criterion whose layer densities drive the crop, ``"synflow"`` (data-free), ``"snip"`` or
+    ``"grasp"``. ``allocation``: how densities become channel ratios, ``"ratio"`` (rho_{l-1} rho_l ~ d_l), ``"convex"``
+    (the convex budget allocation) or ``"uniform"`` (one width factor, the baseline). ``steps``: iterations of the
+    ratio fit to the parameter budget. ``min_width``: the smallest kept fraction (a float) or channel count (an int) of any group."""
 
     name = "precrop"
     requires = frozenset({"groups"})

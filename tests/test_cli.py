@@ -215,7 +215,6 @@ KNOWN_GAPS = {
     "group_channel_prune": {"reduce", "ignore"},
     "pagcp": {"min_channels"},
     "shrink": {"rtol"},
-    "udfc": {"bias_correction"},
     "unstructured": {"ignore"},
 }
 

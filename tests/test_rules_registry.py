@@ -81,7 +81,9 @@ def test_each_family_registers_its_ops(target, family):
 
 
 def test_every_rewrite_belongs_to_a_ruled_op():
-    assert set(REWRITES) <= set(RULES)
+    # a rewrite may be keyed by one overload (aten.mean.dim) of a ruled packet (aten.mean)
+    unruled = {t for t in REWRITES if t not in RULES and getattr(t, "overloadpacket", None) not in RULES}
+    assert not unruled
     assert {aten.view, aten.split, aten.slice, aten.select, aten.group_norm, aten.conv2d,
             aten.scaled_dot_product_attention, aten.expand, aten.unflatten} <= set(REWRITES)
 
