@@ -62,3 +62,7 @@ class BackendUnavailableError(FxPruneError, RuntimeError):
 
 class LoadError(FxPruneError):
     """A saved fxprune artifact could not be loaded."""
+
+
+class MeasurementError(FxPruneError, RuntimeError):
+    """A latency measurement failed or was too noisy to trust (a latency table, a measured latency target)."""
