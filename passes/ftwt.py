@@ -5,8 +5,8 @@ gating with self-supervised mask predictors, as a graph rewrite.
 :class:`FTWTGate` module::
 
     logits = conv1x1(avg_pool(block_input))            # the mask predictor, on the block's *input*
-    mask   = 1[sigmoid(logits) > 0.5]                  # hard, per sample and channel
-    out    = block_output * mask                       # straight-through: d mask / d sigmoid = 1
+    mask   = 1[sigmoid(logits) > 0.5]                  # hard, per sample and channel, built without gradient
+    out    = block_output * mask
 
 so a sample's inactive channels are zero and their MACs (in the block's conv and in the next conv's input) can be
 skipped. :class:`FTWTLoss` trains the predictors with self-supervised targets from the block's own (pre-mask)
@@ -16,16 +16,27 @@ a different number of channels per input). Loss = task loss + ``mask_weight`` x 
 summed over channels and blocks as in the authors' code); the mask term is switched off after ``cooldown`` (half)
 of training, as in the authors' code.
 
-Modes (authors' code, ``utils/layers.py``): ``"decoupled"``: the predictor reads ``block_input.detach()``, so the
-mask loss never changes the backbone; ``"joint"``: it reads ``block_input`` and the mask loss also trains the
-backbone. In both modes the task loss reaches the predictor through the straight-through estimator. The authors'
-targets keep the channels whose cumulative mass stays within ``m``; ours include the channel that crosses ``m``
-(the minimal set with mass >= m, as the issue specifies), one channel more at most.
+Modes (authors' code, ``utils/layers.py``: ``apply_predictor`` builds the binary mask under ``torch.no_grad``):
+``"decoupled"``: the predictor reads ``block_input.detach()`` and the mask carries no gradient, so the predictors
+learn only from the mask loss and the mask loss never changes the backbone (the paper's "decoupled" claim);
+``"joint"``: it reads ``block_input``, so the mask loss also trains the backbone (the mask still carries no
+gradient). ``ste=True`` (not in the authors' code, an explicit option) makes the mask ``hard + p - p.detach()``
+(``p = sigmoid(logits)``), a straight-through estimator through which the task loss also trains the predictors.
+The authors' targets keep the channels whose cumulative mass stays within ``m``; ours include the channel that
+crosses ``m`` (the minimal set with mass >= m, as the issue specifies), one channel more at most.
+
+Residual blocks (``residual=True``): a conv whose output channels are coupled to other producers by a residual add
+(``conv -> [bn] -> add -> [activations]``, ResNet's second conv) is gated at the block *output*, after the add and
+its activations, as the authors' ``ConvWithMask(..., residual=...)`` does. The gate is a per-sample multiply, so it
+never needs the coupled channels to agree (nothing is removed from the weights); a masked channel's conv output,
+residual and activation are all dead for that sample. When several convs feed the same add (a projection
+shortcut), the main-branch conv is gated: the one whose input has the fewest other users (ties: the later one).
 
 Blocks (``blocks=``): ``"auto"`` takes every ``conv2d`` whose output channels form a prunable channel group
 (``program.groups``) produced by that conv alone (residual-coupled channels, grouped/depthwise convs and frozen
 groups such as the logits are left dense); the block runs through the single-use chain of BatchNorm / activation
-ops after the conv. Or a list of conv module names (``"features.3"``) or node names.
+ops after the conv (with ``residual=True``, also the residual-coupled convs described above). Or a list of conv
+module names (``"features.3"``) or node names.
 
 Dynamic MACs: :func:`fxprune.passes.ftwt_flops.dynamic_macs` counts per-sample MACs from the active channels.
 Execution: the gated module computes every channel and multiplies (exportable; ONNX lowers the gate to
@@ -104,13 +115,14 @@ class FTWTGate(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, mode: str = "decoupled", mass: float = 0.9,
-                 init_bias: float = 3.0):
+                 init_bias: float = 3.0, ste: bool = False):
         super().__init__()
         self.predictor = nn.Conv2d(in_channels, out_channels, 1, bias=True)
         nn.init.zeros_(self.predictor.weight)
         nn.init.constant_(self.predictor.bias, init_bias)
         self.mode = mode
         self.mass = float(mass)
+        self.ste = bool(ste)
         self.enabled = True
         self.last_mask: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
@@ -127,15 +139,15 @@ class FTWTGate(nn.Module):
             return block_output
         logits = self.logits(block_input)
         prob = torch.sigmoid(logits)
-        hard = (prob > 0.5).to(prob.dtype)
-        mask = hard + prob - prob.detach()  # value: hard; gradient: straight through to the sigmoid
+        hard = (prob > 0.5).to(prob.dtype).detach()  # no gradient (authors' code: built under no_grad)
+        mask = hard + prob - prob.detach() if self.ste else hard  # ste: straight through to the sigmoid
         if not is_symbolic(block_output):
             self.last_mask = hard.detach().bool()
             self.last_logits = logits
         return block_output * mask.reshape(mask.shape + (1,) * (block_output.dim() - 2))
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, mass={self.mass}"
+        return f"mode={self.mode!r}, mass={self.mass}, ste={self.ste}"
 
     def __getstate__(self) -> dict:
         # the latest call's records (logits carry autograd history) are not part of the module: copies and
@@ -171,17 +183,60 @@ def gate_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, FTWTGate]]:
     return out
 
 
-def gate_conv(gate_node: fx.Node) -> fx.Node | None:
-    """The conv of a gate's block (walking back from the gated output through BN/activation ops)."""
-    cur = gate_node.args[1]
+ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
+CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default)
+
+
+def _conv_above(node: Any) -> fx.Node | None:
+    cur = node
     while isinstance(cur, fx.Node) and cur.op == "call_function":
-        if cur.target in (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default):
+        if cur.target in CONV_OPS:
             return cur
         if cur.target in UNIT_OPS:
             cur = cur.args[0]
             continue
         return None
     return None
+
+
+def gate_conv(gate_node: fx.Node) -> fx.Node | None:
+    """The conv of a gate's block (walking back from the gated output through BN/activation ops and, for a
+    residual gate, through the add to the operand whose conv reads the gate's predictor input)."""
+    cur = gate_node.args[1]
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in UNIT_OPS:
+        cur = cur.args[0]
+    if isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in ADD_OPS:
+        for operand in cur.args[:2]:
+            conv = _conv_above(operand)
+            if conv is not None and conv.args[0] is gate_node.args[0]:
+                return conv
+        return None
+    return _conv_above(cur)
+
+
+def residual_tail(conv: fx.Node) -> tuple[fx.Node, Any, list[fx.Node]] | None:
+    """For ``conv -> [bn/act] -> add(., other) -> [activations]``: ``(add, other, [activation nodes])``, else None.
+    The add must be the conv chain's only user and take it as one of its two tensor operands."""
+    chain = unit_chain(conv)
+    end = chain[-1]
+    if len(end.users) != 1:
+        return None
+    add = next(iter(end.users))
+    if add.op != "call_function" or add.target not in ADD_OPS or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args
+    if end not in (a, b) or a is b or not isinstance(b if a is end else a, fx.Node):
+        return None
+    post = []
+    cur = add
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if user.op == "call_function" and user.target in ACT_OPS and user.args and user.args[0] is cur:
+            post.append(user)
+            cur = user
+        else:
+            break
+    return add, (b if a is end else a), post
 
 
 def source_gate(node: fx.Node, gates: dict[fx.Node, Any]) -> fx.Node | None:
@@ -210,7 +265,9 @@ class FTWTGates(Pass):
     """Insert an FTWT mask predictor and gate after every selected block (see the module docstring).
 
     ``blocks``: ``"auto"`` or conv names. ``mass``: the target's heat-map mass ``m`` in (0, 1]. ``mode``:
-    ``"decoupled"`` or ``"joint"``. ``init_bias``: predictor bias at start (> 0: all channels on).
+    ``"decoupled"`` or ``"joint"``. ``init_bias``: predictor bias at start (> 0: all channels on). ``ste``: let the
+    task loss train the predictors through a straight-through estimator (off: the authors' gradient-free mask).
+    ``residual``: also gate residual-coupled convs at the block output, after the add (the authors' ResNet gating).
     """
 
     name = "ftwt_gates"
@@ -220,7 +277,7 @@ class FTWTGates(Pass):
     changes_graph = True
 
     def __init__(self, blocks: str | Iterable[str] = "auto", mass: float = 0.9, mode: str = "decoupled",
-                 init_bias: float = 3.0):
+                 init_bias: float = 3.0, ste: bool = False, residual: bool = False):
         if isinstance(blocks, str):
             if blocks != "auto":
                 raise InputError(f"blocks must be 'auto' or a list of conv names, got {blocks!r}",
@@ -236,10 +293,15 @@ class FTWTGates(Pass):
                              fix="'decoupled' (predictor input detached) or 'joint'")
         if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)):
             raise InputError(f"init_bias must be a number, got {init_bias!r}")
+        for flag, val in (("ste", ste), ("residual", residual)):
+            if not isinstance(val, bool):
+                raise InputError(f"{flag} must be True or False, got {val!r}")
         self.blocks = blocks
         self.mass = float(mass)
         self.mode = mode
         self.init_bias = float(init_bias)
+        self.ste = ste
+        self.residual = residual
 
     def _convs(self, gm: fx.GraphModule) -> list[fx.Node]:
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.conv2d.default
@@ -249,6 +311,7 @@ class FTWTGates(Pass):
         gs = program.groups
         shapes = program.param_shapes()
         chosen, skipped = [], {}
+        residual_cands: list[fx.Node] = []
         for conv in self._convs(program.gm):
             wname = conv.args[1].target
             canon = gs.analysis.param_alias.get(wname, wname)
@@ -263,12 +326,26 @@ class FTWTGates(Pass):
                 continue
             producers = {m.param for m in g.members if m.dim == 0 and len(shapes.get(m.param, ())) >= 3}
             if producers != {canon}:
+                if self.residual and residual_tail(conv) is not None:
+                    residual_cands.append(conv)
+                    continue
                 skipped[wname] = f"channels shared with {sorted(producers - {canon})} (residual/grouped coupling)"
                 continue
             if g.size != cout:
                 skipped[wname] = "group size differs from the conv's output channels"
                 continue
             chosen.append(conv)
+        # residual gates: one per add; the main-branch conv (input with fewest users, then the later one)
+        order = {n: i for i, n in enumerate(program.gm.graph.nodes)}
+        by_add: dict[fx.Node, list[fx.Node]] = {}
+        for conv in residual_cands:
+            by_add.setdefault(residual_tail(conv)[0], []).append(conv)
+        for add, convs in by_add.items():
+            convs.sort(key=lambda c: (len(c.args[0].users), -order[c]))
+            chosen.append(convs[0])
+            for c in convs[1:]:
+                skipped[c.args[1].target] = f"feeds the same add ({add.name}) as the gated {convs[0].name}"
+        chosen.sort(key=lambda c: order[c])
         return chosen, skipped
 
     def _named(self, gm: fx.GraphModule) -> list[fx.Node]:
@@ -303,20 +380,24 @@ class FTWTGates(Pass):
         info = []
         for i, (conv, (cin, cout)) in enumerate(zip(convs, dims)):
             chain = unit_chain(conv)
+            tail = residual_tail(conv) if self.residual else None
+            if tail is not None:
+                chain = chain + [tail[0]] + tail[2]
             out_node = chain[-1]
             mod_name = f"ftwt_gate_{i}"
-            gm.add_submodule(mod_name, FTWTGate(cin, cout, self.mode, self.mass, self.init_bias))
+            gm.add_submodule(mod_name, FTWTGate(cin, cout, self.mode, self.mass, self.init_bias, self.ste))
             with gm.graph.inserting_after(out_node):
                 g = gm.graph.call_module(mod_name, (conv.args[0], out_node))
             out_node.replace_all_uses_with(g, delete_user_cb=lambda u, g=g: u is not g)
             info.append({"gate": mod_name, "conv": conv.name, "weight": conv.args[1].target,
-                         "block": [n.name for n in chain], "in_channels": cin, "channels": cout})
+                         "block": [n.name for n in chain], "in_channels": cin, "channels": cout,
+                         "residual": tail is not None})
         gm.graph.lint()
         gm.recompile()
         propagate_shapes(gm, program, pass_name=self.name)
         stats = {"gates": len(info), "blocks": [d["weight"].rsplit(".", 1)[0] for d in info],
                  "channels": [d["channels"] for d in info], "skipped": skipped, "mass": self.mass,
-                 "mode": self.mode}
+                 "mode": self.mode, "ste": self.ste, "residual": [d["residual"] for d in info]}
         return PassResult(program, changed=True, stats=stats, record=FTWTRecord(tuple(info)))
 
 
@@ -464,10 +545,11 @@ class GatherUnit(nn.Module):
     the inactive channels."""
 
     def __init__(self, gate: FTWTGate, conv: _ConvCfg, weight: torch.Tensor, bias: torch.Tensor,
-                 acts: list[tuple[Any, tuple]]):
+                 acts: list[tuple[Any, tuple]], post: list[tuple[Any, tuple]] | None = None):
         super().__init__()
         self.conv = conv
         self.acts = acts
+        self.post = post or []  # residual block: activations after the add
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", bias.detach().clone())
         pw = gate.predictor.weight.detach()
@@ -476,7 +558,7 @@ class GatherUnit(nn.Module):
         self.active: torch.Tensor | None = None
         object.__setattr__(self, "src", None)  # upstream GatherUnit (not a registered submodule)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] != 1:
             raise InputError(f"the gather path runs batch 1, got a batch of {x.shape[0]}",
                              fix="use the gated module itself for batches")
@@ -492,6 +574,10 @@ class GatherUnit(nn.Module):
         y = F.conv2d(x, w, self.bias.index_select(0, idx), self.conv.stride, self.conv.padding, self.conv.dilation)
         for op, extra in self.acts:
             y = op(y, *extra)
+        if residual is not None:  # residual block: add the shortcut's active channels, then the activations
+            y = y + residual.index_select(1, idx)
+            for op, extra in self.post:
+                y = op(y, *extra)
         out = y.new_zeros((1, self.weight.shape[0]) + tuple(y.shape[2:]))
         return out.index_copy_(1, idx, y)
 
@@ -549,12 +635,16 @@ def gather_module(module: fx.GraphModule) -> fx.GraphModule:
         if cfg.groups != 1:
             continue
         chain = unit_chain(conv)
+        tail = None
         if chain[-1] is not gnode.args[1]:
-            continue
+            tail = residual_tail(conv)
+            if tail is None or (tail[2][-1] if tail[2] else tail[0]) is not gnode.args[1]:
+                continue
         bn = next((n for n in chain if n.target in BN_OPS), None)
         if bn is not None and chain.index(bn) != 1:
             continue  # BN must directly follow the conv to be folded into it
         acts = [(n.target, tuple(n.args[1:])) for n in chain[2 if bn is not None else 1:]]
+        post = [(n.target, tuple(n.args[1:])) for n in tail[2]] if tail is not None else None
         w = _get(gm, conv.args[1].target).detach()
         b_node = conv.args[2] if len(conv.args) > 2 else None
         b = _get(gm, b_node.target).detach() if isinstance(b_node, fx.Node) else torch.zeros(w.shape[0])
@@ -563,15 +653,18 @@ def gather_module(module: fx.GraphModule) -> fx.GraphModule:
             scale = (rv + float(bn.args[7])).rsqrt() * (bw if bw is not None else 1.0)
             w = w * scale.reshape(-1, 1, 1, 1)
             b = (b - rm) * scale + (bb if bb is not None else 0.0)
-        unit = GatherUnit(gate, cfg, w, b, acts)
+        unit = GatherUnit(gate, cfg, w, b, acts, post)
         name = f"ftwt_gather_{k}"
         k += 1
         gm.add_submodule(name, unit)
         with graph.inserting_before(gnode):
-            new = graph.call_module(name, (conv.args[0],))
+            new = graph.call_module(name, (conv.args[0],) if tail is None else (conv.args[0], tail[1]))
         new.meta = dict(gnode.meta)
         gnode.replace_all_uses_with(new)
         graph.erase_node(gnode)
+        for n in reversed([tail[0]] + tail[2] if tail is not None else []):
+            if not n.users:
+                graph.erase_node(n)
         for n in reversed(chain):
             if not n.users:
                 graph.erase_node(n)
@@ -615,4 +708,4 @@ def gather_module(module: fx.GraphModule) -> fx.GraphModule:
 
 __all__ = ["FTWTGates", "FTWTGate", "FTWTLoss", "ftwt_targets", "mask_accuracy", "gather_module", "GatherUnit",
            "GatherConsumer", "predictor_parameters", "backbone_parameters", "unit_chain", "gate_nodes",
-           "gate_conv", "source_gate"]
+           "gate_conv", "source_gate", "residual_tail"]

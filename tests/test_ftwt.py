@@ -1,4 +1,4 @@
-"""FTWT: mass targets (brute force), STE gradients, auto block discovery, dynamic MACs, gather path, training."""
+"""FTWT: mass targets (brute force), gradient-free masks (STE optional), residual gates, auto block discovery, dynamic MACs, gather path, training."""
 import itertools
 
 import numpy as np
@@ -144,29 +144,99 @@ def test_gate_multiplies_block_output_per_sample():
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_ste_gradients_reach_the_predictors():
+def test_predictors_learn_only_from_the_mask_loss_unless_ste():
+    """Authors' code (utils/layers.py): the binary mask is built under no_grad, so the task loss never reaches the
+    predictors (both modes); the mask loss reaches the backbone only in joint mode. ste=True is the explicit
+    straight-through option, through which the task loss does reach them."""
     torch.manual_seed(0)
     model = CNN()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     for mode in ("decoupled", "joint"):
-        out = fxprune.compile(model, (x,), passes=[FTWTGates(mode=mode, init_bias=0.1)])
-        gm = out.module
-        _randomize_predictors(gm, std=0.05)  # (zero-initialised predictors pass no gradient to their input)
-        # task loss alone: through the straight-through mask into every predictor
-        F.cross_entropy(gm(x), y).backward()
-        for p in predictor_parameters(gm):
-            assert p.grad is not None and float(p.grad.abs().sum()) > 0
-        gm.zero_grad()
-        # mask loss alone: reaches the backbone only in joint mode
-        crit = FTWTLoss(gm, mass=0.9)
-        gm(x)
-        crit.mask_loss()[0].backward()
-        assert all(float(p.grad.abs().sum()) > 0 for p in predictor_parameters(gm))
-        c1 = gm.get_parameter("c1.weight")
-        touched = c1.grad is not None and float(c1.grad.abs().sum()) > 0
-        assert touched == (mode == "joint"), mode
-        crit.remove()
+        for ste in (False, True):
+            out = fxprune.compile(model, (x,), passes=[FTWTGates(mode=mode, init_bias=0.1, ste=ste)])
+            gm = out.module
+            _randomize_predictors(gm, std=0.05)  # (zero-initialised predictors pass no gradient to their input)
+            F.cross_entropy(gm(x), y).backward()  # task loss alone
+            got = [p.grad is not None and float(p.grad.abs().sum()) > 0 for p in predictor_parameters(gm)]
+            assert all(got) if ste else not any(got), (mode, ste, got)
+            assert float(gm.get_parameter("c1.weight").grad.abs().sum()) > 0  # the backbone still trains
+            gm.zero_grad()
+            crit = FTWTLoss(gm, mass=0.9)
+            gm(x)
+            crit.mask_loss()[0].backward()  # mask loss alone: reaches the backbone only in joint mode
+            assert all(float(p.grad.abs().sum()) > 0 for p in predictor_parameters(gm))
+            c1 = gm.get_parameter("c1.weight")
+            touched = c1.grad is not None and float(c1.grad.abs().sum()) > 0
+            assert touched == (mode == "joint"), mode
+            crit.remove()
     assert len(backbone_parameters(gm)) == len(list(model.parameters()))
+
+
+class ResNetish(nn.Module):
+    """Two basic blocks: an identity one and a projection one (stride 2, 1x1 shortcut conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.a1, self.ba1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a2, self.ba2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b1, self.bb1 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.b2, self.bb2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.down, self.bd = nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.ba2(self.a2(F.relu(self.ba1(self.a1(h))))) + h)
+        h = F.relu(self.bb2(self.b2(F.relu(self.bb1(self.b1(h))))) + self.bd(self.down(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_residual_blocks_are_gated_after_the_add():
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    for m in model.modules():  # non-trivial BN statistics, so folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 3, 12, 12)
+    plain = fxprune.compile(model, (x[:2],), passes=[FTWTGates()])
+    assert plain.report.passes[-1]["stats"]["blocks"] == ["a1", "b1"]  # residual-coupled convs left dense
+    out = fxprune.compile(model, (x[:2],), passes=[FTWTGates(residual=True)])
+    st = out.report.passes[-1]["stats"]
+    assert st["blocks"] == ["a1", "a2", "b1", "b2"] and st["residual"] == [False, True, False, True]
+    assert "down.weight" in st["skipped"] and "same add" in st["skipped"]["down.weight"]
+    rec = out.program.records_of(FTWTRecord)[-1].gates
+    assert rec[1]["block"][-2:] == ["add", "relu_2"]  # gate after the add and its ReLU
+    gm = out.module
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))  # starts all on
+    _randomize_predictors(gm, seed=3)
+    g = {n: m for n, m in gm.named_modules() if isinstance(m, FTWTGate)}
+    with torch.no_grad():
+        y = gm(x)
+        m = {k: v.last_mask[:, :, None, None].float() for k, v in g.items()}
+        h = F.relu(model.bn0(model.stem(x)))
+        t = F.relu(model.ba1(model.a1(h))) * m["ftwt_gate_0"]
+        h = F.relu(model.ba2(model.a2(t)) + h) * m["ftwt_gate_1"]
+        t = F.relu(model.bb1(model.b1(h))) * m["ftwt_gate_2"]
+        h = F.relu(model.bb2(model.b2(t)) + model.bd(model.down(h))) * m["ftwt_gate_3"]
+        torch.testing.assert_close(y, model.head(h.mean((2, 3))), atol=1e-5, rtol=1e-5)
+    assert 0 < float(m["ftwt_gate_1"].mean()) < 1
+    layers, _ = layer_costs(gm)
+    io = {l.weight: (l.in_gate, l.out_gate) for l in layers}
+    assert io["a2.weight"] == ("ftwt_gate_0", "ftwt_gate_1") and io["b1.weight"] == ("ftwt_gate_1", "ftwt_gate_2")
+    assert io["down.weight"] == ("ftwt_gate_1", None) and io["b2.weight"] == ("ftwt_gate_2", "ftwt_gate_3")
+    dm = dynamic_macs(gm, [x])
+    gathered = gather_module(gm)
+    assert sum(type(mm).__name__ == "GatherUnit" for mm in gathered.modules()) == 4
+    with torch.no_grad():
+        for i in range(len(x)):
+            xi = x[i:i + 1]
+            torch.testing.assert_close(gathered(xi), gm(xi), atol=1e-5, rtol=1e-5)
+            assert count_macs(gathered, (xi,)) == int(dm.per_sample[i])
+    assert (dm.per_sample < dm.dense).all()
 
 
 # ----------------------------------------------------------------------------------------------- MACs + gather
@@ -269,7 +339,8 @@ def test_gated_model_exports_to_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [({"mass": 0}, "mass"), ({"mass": 1.2}, "mass"), ({"mode": "both"}, "mode"),
-                                      ({"blocks": "all"}, "blocks"), ({"blocks": []}, "blocks")])
+                                      ({"blocks": "all"}, "blocks"), ({"blocks": []}, "blocks"),
+                                      ({"ste": 1}, "ste"), ({"residual": "yes"}, "residual")])
 def test_bad_options(kw, match):
     with pytest.raises(InputError, match=match):
         FTWTGates(**kw)
