@@ -19,6 +19,9 @@ Criteria (one score per channel of every group, higher = more important):
 A channel seen at several sites gets the mean of its per-site scores, each site normalised by its mean (as the
 magnitude criteria do). Statistics are streamed: per batch only the running per-position sums are kept (float64),
 never the activations of the data set. The same data in the same order gives bit-identical scores.
+Under ``torch.distributed`` (a process group initialised, e.g. by ``torchrun``) each rank runs its own shard of
+the data (:func:`fxprune.calibration.shard`) and the sums are added over the ranks before scoring
+(:class:`fxprune.calibration.Accumulator`): the single-process scores up to float64 addition order.
 
 Batches come from ``ctx.data`` (any iterable; ``fxprune.compile(..., data=loader)``): a dict of keyword inputs, a
 tuple of positional inputs or one tensor, shaped like the example inputs (the traced graph has static sizes but
@@ -281,9 +284,42 @@ def calibration_scores(program: Program, ctx: PassContext | Any, *, criterion: s
         rec.tensors.clear()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    n_batches, tokens = _reduce(sites, criterion, n_batches, tokens)  # over torch.distributed ranks, if any
     if n_batches == 0:
         raise InputError("the calibration data yielded no batches", fix="pass a non-empty iterable as data=")
     return _combine(program, sites, criterion)
+
+
+def _reduce(sites: list[_Site], criterion: str, n_batches: int, tokens: int) -> tuple[int, int]:
+    """Sum every site's statistics over the ranks of a ``torch.distributed`` process group
+    (:class:`fxprune.calibration.Accumulator`; each rank ran its shard of the data); a no-op in one process.
+    Returns the total (batches, tokens)."""
+    from fxprune.calibration import Accumulator, distributed
+
+    if not distributed():
+        return n_batches, tokens
+    acc = Accumulator()
+    acc.add("batches", n_batches)
+    acc.add("tokens", tokens)
+    for i, s in enumerate(sites):
+        acc.add(f"{i}.count", s.count)
+        if criterion == "activation":
+            acc.add(f"{i}.seen", s.ss is not None)
+            acc.add(f"{i}.ss", s.ss if s.ss is not None else np.zeros(s.size))
+        for gid, idx in s.maps:
+            sel = idx >= 0
+            size = int(idx[sel].max()) + 1 if sel.any() else 0
+            acc.add(f"{i}.{gid}.seen", gid in s.taylor)
+            acc.add(f"{i}.{gid}.taylor", s.taylor.get(gid, np.zeros(size)))
+    acc.reduce()
+    for i, s in enumerate(sites):
+        s.count = int(acc.get(f"{i}.count"))
+        if criterion == "activation":
+            s.ss = acc.get(f"{i}.ss") if acc.get(f"{i}.seen") > 0 else None
+        for gid, _ in s.maps:
+            if acc.get(f"{i}.{gid}.seen") > 0:
+                s.taylor[gid] = acc.get(f"{i}.{gid}.taylor")
+    return int(acc.get("batches")), int(acc.get("tokens"))
 
 
 def _taylor_accumulate(site: _Site, x: torch.Tensor, g: torch.Tensor | None) -> None:
