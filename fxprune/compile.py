@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError
+from .errors import InputError, TraceError
 from .flops import count_macs, count_params
 from .groups import GroupSet
 from .log import get_logger
@@ -150,7 +150,7 @@ def _check_run_options(seed: Any, verify: Any, rtol: Any) -> None:
 
 def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None = None, *,
             example_kwargs: dict | None = None, seed: int = 0, verify: bool = True, rtol: float | None = None,
-            data: Any = None, count_flops: bool = True, dynamic: Any = None) -> Compiled:
+            data: Any = None, count_flops: bool = True, dynamic: Any = None, regions: Any = None) -> Compiled:
     """Trace ``model``, run ``passes`` (default: ``[ChannelPrune(ratio=0.5), Shrink()]``) and return a
     :class:`Compiled` with the new module and a report. The user's model is never modified.
 
@@ -163,6 +163,10 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
     ``False``: the example's shapes only; a dict ``{input name: {dim: name}}`` (e.g.
     ``{"input_ids": {0: "batch", 1: "seq"}}``): exactly those dims (a :class:`~fxprune.errors.TraceError` if the
     model fixes one). Progress is logged to the ``"fxprune"`` logger (quiet unless logging is configured).
+    ``regions``: ``None`` (default) traces the whole model; ``"auto"`` does too, and where that fails on
+    data-dependent code (detectors' anchors, matching, NMS) prunes the largest traceable submodules and keeps the
+    rest eager; a list of submodule names prunes exactly those (see :mod:`fxprune.regions`; the result's
+    ``module`` is then a pruned copy of the user's model, of its class).
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -178,7 +182,18 @@ def compile(model: nn.Module, example_inputs: Any, passes: Iterable[Pass] | None
 
     pm = PassManager(passes, on_pass=timed)  # validates pass objects before the (slow) trace
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = trace(model, args, kwargs, copy_model=False, dynamic=dynamic)  # shares the user's weights (read only)
+    region_opts = dict(passes=passes, example_kwargs=example_kwargs, seed=seed, verify=verify, rtol=rtol, data=data,
+                       count_flops=count_flops)
+    if regions is not None and regions != "auto":  # named regions: fxprune.regions (a front door, by name)
+        return _plugin("fxprune.regions").compile_regions(model, example_inputs, regions=regions, **region_opts)
+    try:
+        gm = trace(model, args, kwargs, copy_model=False, dynamic=dynamic)  # shares the user's weights (read only)
+    except TraceError as e:
+        if regions != "auto" or getattr(e, "cause", None) not in ("control_flow", "unsupported_op", "other"):
+            raise
+        log.warning("%s does not trace as a whole (%s): pruning its traceable regions", type(model).__name__,
+                    getattr(e, "cause", None))
+        return _plugin("fxprune.regions").compile_regions(model, example_inputs, regions="auto", **region_opts)
     t1 = time.perf_counter()
     timings["trace"] = t1 - t0
     program = Program(gm, args, kwargs, source=model)
