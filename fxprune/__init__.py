@@ -34,10 +34,17 @@ __all__ = ["compile", "prune", "analyze", "trace", "Compiled", "Program", "Stage
            "load", "replay", "load_recipe", "dump_recipe"]
 
 _LAZY_SUBMODULES = frozenset({"passes", "backends", "models", "train", "distill", "data", "latency", "plot",
-                              "testing", "zoo", "hf", "cli", "records", "seeding", "analysis"})
+                              "testing", "zoo", "hf", "cli", "records", "seeding", "analysis", "streaming",
+                              "calibration"})
+#: functions that load their module on first access: name -> submodule
+_LAZY_NAMES = {"prune_checkpoint": "streaming"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
     if name in _LAZY_SUBMODULES:
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
@@ -51,4 +58,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+    return sorted(set(globals()) | _LAZY_SUBMODULES | set(_LAZY_NAMES))
