@@ -30,6 +30,19 @@ plus all rows go to ``results/coverage.json``.
     python benchmarks/coverage.py --corpus hf --only llama,gpt2      # a few models
     python benchmarks/coverage.py --summary-only                     # re-print table/failures from the JSONL
     python benchmarks/coverage.py --corpus torchvision --rerun timeout --timeout 600 --jobs 1
+
+Observable mode (``--observable``, issue 21): fxprune only, every model redrawn with
+``fxprune.testing.make_observable`` (same architecture, only values: zero-init last BNs, zero heads and tiny layer
+scales get ordinary random values, BN statistics are set), small inputs (image side capped at ``--max-side``, 160 by
+default, native size where the model refuses it), over the smallest model of **every** timm family (family = the
+``timm.models.<module>`` that defines it; smallest by parameter count built on the meta device, see
+:func:`timm_families`), every torchvision model and the HF small configs. Each row says whether pruning changed the
+output at all (``observable``), and a verification refusal is its own status, ``refused``, classified by verify as
+``structural`` (a rule couples, rewrites or freezes something wrongly) or ``noise`` (rounding above the bound), with
+the first diverging node. Rows go to ``results/coverage_observable_rows.jsonl``, the summary to
+``results/coverage_observable.json`` (``results/coverage.json`` stays the issue-10 record).
+
+    python benchmarks/coverage.py --observable --corpus all --jobs 1 --timeout 240
 """
 from __future__ import annotations
 
@@ -55,6 +68,15 @@ STATUSES = ("ok", "frozen-too-much", "trace-fail", "error")
 PROTOCOL = "coverage-v2"  # bump when the measurement changes; rows of other protocols are ignored
 HEAVY = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32"}  # > 250M params: run last, one at a time
 
+# observable mode (issue 21): its own rows, summary and protocol; fxprune only; "refused" = verification refused
+OBS_JSONL = C.RESULTS / "coverage_observable_rows.jsonl"
+OBS_SUMMARY = C.RESULTS / "coverage_observable.json"
+OBS_PROTOCOL = "coverage-observable-v1"
+OBS_STATUSES = ("ok", "frozen-too-much", "refused", "trace-fail", "error")
+TIMM_FAMILIES = C.RESULTS / "timm_families.json"
+#: models named in issue 21 (refused in its corpus), run besides their family's smallest model
+TIMM_EXTRA = ("halonet_h1", "naflexvit_base_patch16_parfac_gap")
+
 # --------------------------------------------------------------------------------------------------- workers
 
 
@@ -70,16 +92,57 @@ def _frozen_summary(report) -> dict:
             "frozen_by": [f"{f['node']} ({f['op']}): {f['reason']}"[:200] for f in report.frozen_by[:8]]}
 
 
-def run_fxprune(corpus: str, name: str) -> dict:
+def _small_inputs(corpus: str, name: str, side: int) -> tuple:
+    """(model, args, kwargs) with the image side capped at ``side`` where the model runs at it (timm: rebuilt with
+    ``img_size`` if needed, by ``fxprune.zoo``); torchvision models that refuse it keep 224 (299 for inception)."""
+    import torch
+
+    from fxprune import zoo
+
+    if corpus == "timm":
+        m, args, _ = zoo.resolve(f"timm:{name}", seed=0, max_image_size=side)
+        return m, args, {}
+    if corpus == "torchvision":
+        m, args, _ = zoo.resolve(f"torchvision:{name}", seed=0, max_image_size=side)
+        try:
+            with torch.no_grad():
+                m(*args)
+            return m, args, {}
+        except Exception:  # noqa: BLE001 - fixed-size models (ViT, MaxViT): their native size
+            m, args, _ = zoo.resolve(f"torchvision:{name}", seed=0)
+            return m, args, {}
+    m, args, kwargs, _ = C.build(corpus, name)
+    return m, args, kwargs
+
+
+def _refusal(e: BaseException) -> dict:
+    """What verify said about a refusal: kind (structural / noise / shape / nonfinite), the numbers, the node."""
+    res = None
+    while e is not None and res is None:
+        res, e = getattr(e, "result", None), e.__cause__
+    if res is None:
+        return {}
+    rel = res.max_abs_diff / res.output_scale if res.output_scale else float("inf")
+    return {"refusal_kind": res.kind, "max_abs_diff": res.max_abs_diff, "output_scale": res.output_scale,
+            "relative_diff": rel, "verify_bound": res.bound, "observable": res.observable,
+            "divergence": str(res.divergence) if res.divergence else None,
+            "diverging_node": res.divergence.node if res.divergence else None,
+            "diverging_module": res.divergence.module if res.divergence else None}
+
+
+def run_fxprune(corpus: str, name: str, observable: bool = False, side: int = 160) -> dict:
     import torch
 
     import fxprune
-    from fxprune.errors import FxPruneError, TraceError
+    from fxprune.errors import FxPruneError, TraceError, VerificationError
     from fxprune.passes import ChannelPrune, Shrink
     from fxprune.testing import make_observable
 
     torch.manual_seed(0)
-    m, args, kwargs, _ = C.build(corpus, name)
+    if observable:
+        m, args, kwargs = _small_inputs(corpus, name, side)
+    else:
+        m, args, kwargs, _ = C.build(corpus, name)
     make_observable(m, 0)
     row: dict = {"lib": "fxprune", "inputs": {k: list(v.shape) for k, v in
                                               {**dict(enumerate(args)), **kwargs}.items() if hasattr(v, "shape")}}
@@ -91,6 +154,9 @@ def run_fxprune(corpus: str, name: str) -> dict:
                 **C.graph_context(e), "seconds": time.perf_counter() - t}
     except Exception as e:  # noqa: BLE001
         w = C.where(e)
+        if observable and isinstance(e, VerificationError):
+            return {**row, "status": "refused", "traced": True, "error": C.first_line(e), "where": w,
+                    **_refusal(e), "seconds": time.perf_counter() - t}
         return {**row, "status": "error", "traced": not w.startswith("fxprune/trace.py"), "error": C.first_line(e),
                 "where": w, "fxprune_error": isinstance(e, FxPruneError), **C.graph_context(e),
                 "seconds": time.perf_counter() - t}
@@ -144,9 +210,62 @@ def run_torch_pruning(corpus: str, name: str) -> dict:
     return {**row, **base, "status": "ok" if removed >= 0.10 else "frozen-too-much"}
 
 
-def worker(corpus: str, name: str, lib: str) -> None:
+def worker(corpus: str, name: str, lib: str, mode: str = "") -> None:
+    """``mode``: "" (issue-10 protocol) or "observable:<max side>"."""
     C.setup_worker(threads=1)
-    C.main_guard(lambda: run_fxprune(corpus, name) if lib == "fxprune" else run_torch_pruning(corpus, name), lib)
+    obs = mode.startswith("observable")
+    side = int(mode.split(":")[1]) if obs and ":" in mode else 160
+    C.main_guard(lambda: run_fxprune(corpus, name, obs, side) if lib == "fxprune" else run_torch_pruning(corpus, name),
+                 lib)
+
+
+# --------------------------------------------------------------------------------------------------- timm families
+
+
+def _timm_module_of(name: str) -> str:
+    import timm
+
+    get = getattr(timm.models, "get_model_module", None) or timm.models._registry.get_model_module  # noqa: SLF001
+    return get(name).split(".")[-1]
+
+
+def timm_families(cache: Path = TIMM_FAMILIES, candidates: int = 6) -> list[dict]:
+    """The smallest model of every timm family, family = the ``timm.models.<module>`` that defines it:
+    ``[{"name", "family", "variants", "params", "input_size"}]`` sorted by family.
+
+    Per module, the ``candidates`` names that look smallest (``_common._timm_name_score``: size words, resolution,
+    depth/width numbers) are built on the meta device and the one with the fewest parameters wins (measured, not
+    guessed; building all 1371 models on meta would take far longer for the same answer). Cached in ``cache``.
+    """
+    if cache.exists():
+        return json.loads(cache.read_text())
+    import warnings
+
+    import timm
+    import torch
+
+    mods = timm.list_modules() if hasattr(timm, "list_modules") else timm.models.list_modules()
+    picks = []
+    for mod in sorted(mods):
+        names = timm.list_models(module=mod)
+        if not names:
+            continue
+        sizes = []
+        for c in sorted(names, key=C._timm_name_score)[:candidates]:  # noqa: SLF001
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    m = timm.create_model(c, pretrained=False)
+                sizes.append((sum(p.numel() for p in m.parameters()), c))
+            except Exception:  # noqa: BLE001 - not buildable on meta: last resort
+                sizes.append((10 ** 13, c))
+        nparams, best = min(sizes)
+        picks.append({"name": best, "family": mod, "variants": len(names),
+                      "params": nparams if nparams < 10 ** 13 else None,
+                      "input_size": list(C._timm_input_size(best))})  # noqa: SLF001
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(picks, indent=1))
+    return picks
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -170,11 +289,18 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         c = out.setdefault(r["corpus"], {}).setdefault(r["lib"], {"models": 0, **{s: 0 for s in STATUSES},
                                                                    "timeout": 0})
+        c.setdefault(r["status"], 0)
         c["models"] += 1
         c[r["status"]] += 1
         c["timeout"] += r.get("timeout", False) is True
         if r["lib"] == "fxprune" and r["status"] == "ok" and r.get("observable") is False:
             c["ok_unobservable"] = c.get("ok_unobservable", 0) + 1
+        if PROTOCOL == OBS_PROTOCOL:
+            key = {True: "observable", False: "unobservable"}.get(r.get("observable"), "observable_unknown")
+            c[key] = c.get(key, 0) + 1
+            if r["status"] == "refused":
+                k = f"refused_{r.get('refusal_kind', 'unknown')}"
+                c[k] = c.get(k, 0) + 1
     for corpus, libs in out.items():
         for lib, c in libs.items():
             mine = [r for r in rows if r["corpus"] == corpus and r["lib"] == lib]
@@ -223,10 +349,11 @@ def failures(rows: list[dict], lib: str = "fxprune") -> list[dict]:
 
 
 def print_table(summary: dict) -> None:
-    cols = ["models", "ok", "frozen-too-much", "trace-fail", "error", "timeout", "ok_rate", "median_params_removed_ok",
-            "median_seconds"]
+    cols = ["models", "ok", "frozen-too-much", *(["refused"] if PROTOCOL == OBS_PROTOCOL else []), "trace-fail",
+            "error", "timeout", *(["observable", "unobservable"] if PROTOCOL == OBS_PROTOCOL else []), "ok_rate",
+            "median_params_removed_ok", "median_seconds"]
     short = {"frozen-too-much": "frozen", "median_params_removed_ok": "med.removed", "median_seconds": "med.s",
-             "trace-fail": "trace-fail"}
+             "trace-fail": "trace-fail", "unobservable": "unobserv."}
     print(f"{'corpus':<12}{'library':<15}" + "".join(f"{short.get(c, c):>12}" for c in cols))
     for corpus, libs in summary.items():
         if corpus == "head_to_head":
@@ -251,8 +378,24 @@ def write_summary(todo_keys: set | None = None) -> dict:
     fails = failures(rows)
     print_table(summary)
     print_failures(fails)
+    extra: dict = {}
+    if PROTOCOL == OBS_PROTOCOL:
+        fam = {p["name"]: p["family"] for p in timm_families()} if TIMM_FAMILIES.exists() else {}
+        extra["table"] = [{"corpus": r["corpus"], "model": r["model"], "family": fam.get(r["model"]),
+                           "status": r["status"], "observable": r.get("observable"),
+                           "params_removed": r.get("params_removed"), "refusal_kind": r.get("refusal_kind"),
+                           "relative_diff": r.get("relative_diff"), "diverging_node": r.get("diverging_node"),
+                           "diverging_module": r.get("diverging_module"), "inputs": r.get("inputs"),
+                           "error": r.get("error") if r["status"] != "ok" else None}
+                          for r in sorted(rows, key=lambda r: (r["corpus"], r["model"]))]
+        refused = [t for t in extra["table"] if t["status"] == "refused"]
+        print(f"\nrefused: {len(refused)} (structural {sum(t['refusal_kind'] == 'structural' for t in refused)})")
+        for t in refused:
+            print(f"  {t['corpus']}/{t['model']}: {t['refusal_kind']} rel {t['relative_diff']:.3g} at "
+                  f"{t['diverging_node']} ({t['diverging_module']})")
     SUMMARY.write_text(json.dumps({"protocol": PROTOCOL, "summary": summary, "fxprune_failures": fails,
-                                   "tp_failures": failures(rows, "torch-pruning"),
+                                   **({} if PROTOCOL == OBS_PROTOCOL else
+                                      {"tp_failures": failures(rows, "torch-pruning")}), **extra,
                                    "rows": sorted(rows, key=lambda r: (r["corpus"], r["model"], r["lib"]))},
                                   indent=1, default=str))
     print(f"\nwrote {SUMMARY} ({len(rows)} rows)")
@@ -262,9 +405,12 @@ def write_summary(todo_keys: set | None = None) -> dict:
 # --------------------------------------------------------------------------------------------------- driver
 
 
-def model_list(corpus: str, timm_n: int | None) -> list[str]:
+def model_list(corpus: str, timm_n: int | None, observable: bool = False) -> list[str]:
     if corpus == "torchvision":
         return C.torchvision_names()
+    if corpus == "timm" and observable:
+        names = [p["name"] for p in timm_families()][:timm_n]
+        return names + [n for n in TIMM_EXTRA if n not in names]
     if corpus == "timm":
         return [p["name"] for p in C.timm_sample(timm_n, cache=TIMM_SAMPLE)]
     return list(C.HF_NAMES)
@@ -273,6 +419,9 @@ def model_list(corpus: str, timm_n: int | None) -> list[str]:
 def is_heavy(corpus: str, name: str) -> bool:
     if corpus == "torchvision":
         return name in HEAVY
+    if corpus == "timm" and PROTOCOL == OBS_PROTOCOL and TIMM_FAMILIES.exists():
+        est = {p["name"]: p.get("params") or 0 for p in json.loads(TIMM_FAMILIES.read_text())}
+        return est.get(name, 0) > 250e6
     if corpus == "timm" and TIMM_SAMPLE.exists():
         est = {p["name"]: p.get("params_est", 0) for p in json.loads(TIMM_SAMPLE.read_text())}
         return est.get(name, 0) > 250e6
@@ -280,8 +429,9 @@ def is_heavy(corpus: str, name: str) -> bool:
 
 
 def main() -> None:
+    global JSONL, SUMMARY, PROTOCOL, STATUSES
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5])
+        worker(*sys.argv[2:6])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="all", choices=["torchvision", "timm", "hf", "all"])
@@ -296,8 +446,17 @@ def main() -> None:
     ap.add_argument("--rerun", default="", help="recompute rows with these statuses, e.g. 'timeout,error'")
     ap.add_argument("--rerun-error", default="", help="recompute rows whose error contains this text")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--observable", action="store_true",
+                    help="issue-21 mode: fxprune only, every timm family, small inputs, 'refused' rows classified; "
+                         "writes results/coverage_observable*.json*")
+    ap.add_argument("--max-side", type=int, default=160, help="observable mode: cap of the image side")
     a = ap.parse_args()
     C.RESULTS.mkdir(parents=True, exist_ok=True)
+    mode = ""
+    if a.observable:
+        JSONL, SUMMARY, PROTOCOL, STATUSES = OBS_JSONL, OBS_SUMMARY, OBS_PROTOCOL, OBS_STATUSES
+        a.libs = "fxprune"
+        mode = f"observable:{a.max_side}"
     if a.summary_only:
         write_summary()
         return
@@ -305,7 +464,7 @@ def main() -> None:
     only = set(a.only.split(",")) if a.only else None
     todo = []
     for corpus in corpora:
-        names = model_list(corpus, a.timm_sample)
+        names = model_list(corpus, a.timm_sample, a.observable)
         if only:
             names = [n for n in names if n in only]
         todo += [(corpus, n) for n in names[: a.limit]]
@@ -329,7 +488,7 @@ def main() -> None:
 
     def one(job, timeout):
         c, n, lib = job
-        r = C.spawn(__file__, ["--worker", c, n, lib], timeout)
+        r = C.spawn(__file__, ["--worker", c, n, lib, mode], timeout)
         if r.get("status") == "timeout":
             r.update(status="error", timeout=True)
         r.update({"corpus": c, "model": n, "lib": lib, "protocol": PROTOCOL, "timeout_s": timeout,

@@ -301,6 +301,33 @@ class SpatialAsChannels(nn.Module):
         return self.out(h @ c)  # (B, 8, L)
 
 
+class RegisterTokensSDPA(nn.Module):
+    """NaFlexViT-style block: learned register tokens (a (1, R, C) parameter, R > 1) concatenated to the patch
+    tokens, then SDPA over the sequence. The register positions must not be a prunable space: a zeroed key still
+    takes softmax weight, so removing it changes every output (regression: timm naflexvit_base_patch16_parfac_gap
+    refused with a structural mismatch at blocks.0.attn's SDPA)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, regs: int = 4):
+        super().__init__()
+        self.h = heads
+        self.embed = nn.Linear(12, dim)
+        self.reg_token = nn.Parameter(torch.randn(1, regs, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.regs = regs
+
+    def forward(self, x):
+        x = self.embed(x)
+        b = x.shape[0]
+        x = torch.cat([self.reg_token.expand(b, -1, -1), x], dim=1)
+        n, c = x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(y)
+        return self.head(x[:, self.regs:].mean(1))
+
+
 CASES = {
     "residual_chain": (ResidualChain, lambda: (torch.randn(2, 3, 16, 16),)),
     "concat_of_concats": (ConcatOfConcats, lambda: (torch.randn(2, 3, 16, 16),)),
@@ -322,6 +349,7 @@ CASES = {
     "einsum_stack_unbind": (EinsumStackUnbind, lambda: (torch.randn(3, 10),)),
     "spatial_as_channels_1x1": (SpatialAsChannels, lambda: (torch.randn(2, 8, 10),)),
     "spatial_as_channels_k3": (lambda: SpatialAsChannels(k=3), lambda: (torch.randn(2, 8, 10),)),
+    "register_tokens_sdpa": (RegisterTokensSDPA, lambda: (torch.randn(2, 6, 12),)),
 }
 
 

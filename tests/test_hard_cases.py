@@ -75,3 +75,12 @@ def test_conv_length_dim_is_pointwise_only_for_1x1(k, prunable):
             assert g.frozen is None, g.frozen
         else:
             assert g.frozen is not None and "spatial dim" in g.frozen and "conv1d" in g.frozen, g.frozen
+
+
+def test_register_token_positions_are_frozen_by_sdpa():
+    """The register tokens' sequence dim (4 positions of reg_token) reaches SDPA's keys: frozen, and the report names
+    the SDPA node (regression: timm naflexvit refused with a structural mismatch)."""
+    model, inputs = build("register_tokens_sdpa")
+    gs = fxprune.analyze(model, inputs)
+    (g,) = [g for g in gs.groups if any(m.param == "reg_token" and m.dim == 1 for m in g.members)]
+    assert g.frozen is not None and "key sequence" in g.frozen and "scaled_dot_product_attention" in g.frozen, g

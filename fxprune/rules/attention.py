@@ -2,6 +2,11 @@
 than q heads, ``enable_gqa=True``) as ``q_heads = Product(kv_heads, q_per_kv)``, the attention mask aligned with the
 scores. The default scale ``1/sqrt(head_dim)`` observes head_dim: instead of freezing it, the rewrite pins the
 original scale when head_dim shrinks.
+
+The key sequence is the softmax's dim: a masked (zeroed) key still takes softmax weight (``exp(q.0) = 1``), so
+removing it changes every output row; it is frozen like ``softmax``'s dim (regression: timm register tokens, whose
+positions were a prunable space of ``reg_token``). With ``is_causal`` the query positions index the causal mask
+against the key positions, so they freeze too.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ def _sdpa(A: RuleContext, node: fx.Node) -> None:
     hq, hk = A.shape(q), A.shape(k)
     A.unify(qs[-1], ks[-1], node, "q/k head_dim")
     A.unify(ks[-2], vs[-2], node, "k/v sequence")
+    A.freeze([ks[-2]], node, "softmax over the key sequence observes its positions")
+    if bool(_arg(node, 5, "is_causal", False)):
+        A.freeze([qs[-2]], node, "the causal mask indexes query against key positions")
     for i in range(len(hk) - 2):
         A.unify(ks[i], vs[i], node, "k/v batch and heads")
     out = list(qs[:-1]) + [vs[-1]]
