@@ -4,23 +4,35 @@ Each pruned weight ``w`` is reparametrized as ``m(w) * w`` with the soft mask
 
     m(w) = sigmoid((w^2 - t^2) / (tau * mean(w^2)))
 
-where ``t = (W_h + W_t) / 2`` lies between the smallest kept magnitude ``W_h`` (the ``round((1 - r) n)``-th largest)
-and the largest pruned one ``W_t``, recomputed from the current weights at every forward. ``r`` ramps from 0 to
-the target after a dense warm-up (both counted in ``pdp.step()`` calls). ``tau`` is relative to ``mean(w^2)`` of
-the layer (the paper's absolute tau depends on the weight scale). The mask has no parameters and every weight,
-pruned or not, keeps a gradient, so weights can move across the threshold while training.
+where ``t = (W_h + W_t) / 2`` lies between the smallest kept magnitude ``W_h`` (the ``round((1 - r_l) n)``-th
+largest) and the largest pruned one ``W_t``, recomputed from the current weights at every forward. ``tau`` is
+relative to ``mean(w^2)`` of the layer (the paper's absolute tau depends on the weight scale). The mask has no
+parameters and every weight, pruned or not, keeps a gradient, so weights can move across the threshold while
+training.
+
+Per-layer targets ``r_l`` (``allocation="global"``, the default; paper, Appendix D): when the dense warm-up ends
+(``warmup`` ``pdp.step()`` calls; at install time when ``warmup=0``), all pruned weights are sorted by magnitude
+together and each layer's target is the fraction of its weights below the global threshold that removes ``target``
+of them (capped so every layer keeps one weight). ``allocation="uniform"`` prunes every layer at ``target``. After
+the warm-up each layer's ratio ramps from 0 to ``r_l`` over ``ramp`` steps, linearly by default (the paper's
+schedule; ``schedule="cubic"`` is Zhu & Gupta's). N:M has no allocation (the pattern fixes every layer).
 
 Structures:
 * ``"unstructured"``: one threshold per layer (conv/linear/matmul weights).
 * ``"nm"``: ``t`` inside every run of ``m`` weights along the input dim, between the ``n``-th and ``n+1``-th
   largest magnitude (the TensorRT layout of :class:`~fxprune.passes.nm_sparsity.NMSparsity`).
 * ``"channel"``: one soft mask value per channel of every prunable channel group, from the channel's squared L2
-  norm over all parameter slices it owns (each member normalised by its mean); every slice is multiplied by it.
-  ``finalize()`` turns them into group keep-masks that ``Shrink`` removes.
+  norm over all parameter slices it owns (each member normalised by its mean). The mask scales the channel *once*:
+  on its producers' output slices (conv/linear weight rows and biases) or, where a producer feeds a normalisation
+  directly (conv -> BatchNorm), on that norm's weight and bias instead (a BN in training mode would undo a scale on
+  its input). Consumers' input slices are scored but not scaled, so a soft channel contributes ``m * channel``
+  downstream (not ``m^2`` or ``m^3``). Global allocation compares channels across groups by their squared norm
+  relative to their group's mean [derived: the paper allocates channels per layer without giving the rule].
+  ``finalize()`` turns the masks into group keep-masks that ``Shrink`` removes.
 
 Workflow (the user's own training loop)::
 
-    pdp = PDP(0.9, warmup=100, ramp=1000)
+    pdp = PDP(0.9, warmup=100, ramp=1000)                 # global allocation at step 100, linear ramp
     out = fxprune.compile(model, (x,), passes=[pdp])      # out.module now carries the soft masks; PDP goes last
     for xb, yb in loader:                                 # any loop, any optimizer
         loss = F.cross_entropy(out.module(xb), yb); opt.zero_grad(); loss.backward(); opt.step(); pdp.step()
@@ -53,25 +65,54 @@ STRUCTURES = ("unstructured", "nm", "channel")
 _MIN_LOGIT = 1e-6  # |z| floor away from the threshold, so a kept weight never rounds to m == 0.5 in float32
 
 
+def ramp_fraction(step: int, warmup: int, ramp: int, schedule: str = "linear") -> float:
+    """Fraction of the final ratio reached after ``step`` optimizer steps: 0 during the warm-up, then rising to 1
+    over ``ramp`` steps (``"linear"``: ``x``; ``"cubic"``: ``1 - (1 - x)^3``)."""
+    s = step - warmup
+    if s < 0:
+        return 0.0
+    if ramp <= 0 or s >= ramp:
+        return 1.0
+    x = s / ramp
+    return x if schedule == "linear" else 1.0 - (1.0 - x) ** 3
+
+
+def global_allocation(scores: dict[Any, torch.Tensor], target: float) -> dict[Any, float]:
+    """Per-layer ratios from one global threshold: sort all ``scores`` (e.g. ``|w|``) together, remove the
+    ``round(target * total)`` smallest (ties by layer order, then index); each layer's ratio is the fraction of its
+    entries removed, capped at ``(n - 1) / n`` so every layer keeps one."""
+    keys = list(scores)
+    flat = torch.cat([scores[k].detach().reshape(-1).double() for k in keys])
+    drop = int(round(target * flat.numel()))
+    removed = torch.zeros(flat.numel(), dtype=torch.bool)
+    removed[torch.argsort(flat, stable=True)[:drop]] = True
+    out, i = {}, 0
+    for k in keys:
+        n = scores[k].numel()
+        out[k] = min(float(removed[i:i + n].sum()) / n, (n - 1) / n)
+        i += n
+    return out
+
+
 class _Schedule:
-    """Step counter shared by all masks of one PDP (kept shared by deepcopy)."""
+    """Step counter and per-layer targets shared by all masks of one PDP (kept shared by deepcopy)."""
 
     def __init__(self, target: float, warmup: int, ramp: int, schedule: str):
         self.target, self.warmup, self.ramp, self.schedule = target, warmup, ramp, schedule
         self.step = 0
-        self.hard = False  # finalize() computes masks at the target ratio
+        self.hard = False  # finalize() computes masks at the (per-layer) target ratio
+        self.layer_targets: dict[Any, float] | None = None  # set when global allocation runs
 
-    def ratio(self) -> float:
+    def final(self, key: Any = None) -> float:
+        if self.layer_targets is not None and key in self.layer_targets:
+            return self.layer_targets[key]
+        return self.target
+
+    def ratio(self, key: Any = None) -> float:
+        r = self.final(key)
         if self.hard:
-            return self.target
-        s = self.step - self.warmup
-        if s < 0:
-            return 0.0
-        if self.ramp <= 0 or s >= self.ramp:
-            return self.target
-        x = s / self.ramp
-        f = x if self.schedule == "linear" else 1.0 - (1.0 - x) ** 3
-        return self.target * f
+            return r
+        return r * ramp_fraction(self.step, self.warmup, self.ramp, self.schedule)
 
     def __deepcopy__(self, memo: dict) -> "_Schedule":
         return self
@@ -120,12 +161,14 @@ def nm_threshold(w: torch.Tensor, keep: int, m: int, dim: int) -> torch.Tensor |
 class PDPMask(nn.Module):
     """Parametrization ``w -> m(w) * w`` for the unstructured and N:M structures."""
 
-    def __init__(self, sched: _Schedule, structure: str, tau: float, n: int = 2, m: int = 4, dim: int = 1):
+    def __init__(self, sched: _Schedule, structure: str, tau: float, n: int = 2, m: int = 4, dim: int = 1,
+                 key: str = ""):
         super().__init__()
         self.sched, self.structure, self.tau, self.n, self.m, self.dim = sched, structure, tau, n, m, dim
+        self.key = key  # the weight's name: its per-layer target in the schedule
 
     def threshold(self, w: torch.Tensor) -> torch.Tensor | None:
-        r = self.sched.ratio()
+        r = self.sched.ratio(self.key)
         if self.structure == "unstructured":
             return layer_threshold(w, r)
         keep = self.m - int(round(r / self.sched.target * (self.m - self.n))) if self.sched.target > 0 else self.m
@@ -181,7 +224,7 @@ class _ChannelState:
 
     def mask(self, g: Group, override: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         s = self.sq_norms(g, override)
-        r = self.sched.ratio()
+        r = self.sched.ratio(g.id)
         keep = self.keep_count(g, r)
         if keep >= g.size:
             return torch.ones_like(s)
@@ -211,6 +254,43 @@ class PDPChannelMask(nn.Module):
         return out
 
 
+_NORM_AFFINE = {torch.ops.aten.batch_norm.default: (1, 2), torch.ops.aten.instance_norm.default: (1, 2),
+                torch.ops.aten.layer_norm.default: (2, 3), torch.ops.aten.group_norm.default: (2, 3)}
+_PRODUCERS = {torch.ops.aten.conv1d.default: 0, torch.ops.aten.conv2d.default: 0, torch.ops.aten.conv3d.default: 0,
+              torch.ops.aten.linear.default: 0, torch.ops.aten.conv_transpose1d.default: 1,
+              torch.ops.aten.conv_transpose2d.input: 1, torch.ops.aten.conv_transpose3d.input: 1}
+
+
+def channel_output_slices(gm: Any) -> tuple[set[tuple[str, int]], set[tuple[str, int]], set[str]]:
+    """From the graph: ``outputs`` = (param, dim) of every conv/linear weight's output dim and its bias (dim 0);
+    ``norms`` = (param, 0) of every normalisation's weight and bias; ``absorbed`` = the weights and biases of the
+    producers whose only user is a normalisation (their channel scale goes on the norm instead)."""
+    outputs, norms, absorbed = set(), set(), set()
+
+    def attr(n: Any) -> str | None:
+        return n.target if getattr(n, "op", None) == "get_attr" else None
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in _PRODUCERS:
+            w = attr(n.args[1]) if len(n.args) > 1 else None
+            b = attr(n.args[2]) if len(n.args) > 2 else None
+            if w is not None:
+                outputs.add((w, _PRODUCERS[n.target]))
+            if b is not None:
+                outputs.add((b, 0))
+        elif n.target in _NORM_AFFINE:
+            names = [attr(n.args[i]) if len(n.args) > i else None for i in _NORM_AFFINE[n.target]]
+            norms.update((a, 0) for a in names if a is not None)
+            src = n.args[0]
+            if getattr(src, "op", None) == "call_function" and src.target in _PRODUCERS and len(src.users) == 1 \
+                    and any(a is not None for a in names):
+                absorbed.update(a for a in (attr(src.args[1]), attr(src.args[2]) if len(src.args) > 2 else None)
+                                if a is not None)
+    return outputs, norms, absorbed
+
+
 @register_pass
 class PDP(Pass):
     """Parameter-free differentiable pruning: soft masks trained through by the user's loop.
@@ -218,7 +298,9 @@ class PDP(Pass):
     ``target``: final sparsity (fraction removed; for ``"nm"`` it is ``1 - n/m`` and may be omitted).
     ``structure``: ``"unstructured"`` | ``"nm"`` | ``"channel"``. ``tau``: temperature relative to ``mean(w^2)``
     (channel: to the mean normalised squared norm). ``warmup``: dense steps; ``ramp``: steps over which the ratio
-    grows to ``target`` (``schedule="cubic"`` or ``"linear"``). ``n``, ``m``: the N:M pattern. ``ignore``: module
+    grows to its target (``schedule="linear"``, the paper's, or ``"cubic"``). ``allocation``: ``"global"`` (per-layer
+    targets from one magnitude threshold when the warm-up ends, the paper's) or ``"uniform"`` (every layer at
+    ``target``). ``n``, ``m``: the N:M pattern. ``ignore``: module
     names / modules left alone. After ``compile``, call :meth:`step` once per optimizer step and
     :meth:`finalize` at the end.
     """
@@ -228,8 +310,8 @@ class PDP(Pass):
     modifies_weights = True
 
     def __init__(self, target: float | None = None, structure: str = "unstructured", *, tau: float = 0.05,
-                 warmup: int = 0, ramp: int = 0, schedule: str = "cubic", n: int = 2, m: int = 4,
-                 ignore: Iterable[Any] = ()):
+                 warmup: int = 0, ramp: int = 0, schedule: str = "linear", allocation: str = "global", n: int = 2,
+                 m: int = 4, ignore: Iterable[Any] = ()):
         if structure not in STRUCTURES:
             raise InputError(f"structure must be one of {', '.join(STRUCTURES)}, got {structure!r}",
                              fix="e.g. PDP(0.9, structure='unstructured')")
@@ -255,13 +337,17 @@ class PDP(Pass):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InputError(f"{k} must be an int >= 0 (optimizer steps), got {v!r}", fix=f"e.g. {k}=100")
         if schedule not in ("cubic", "linear"):
-            raise InputError(f"schedule must be 'cubic' or 'linear', got {schedule!r}", fix="use 'cubic'")
+            raise InputError(f"schedule must be 'cubic' or 'linear', got {schedule!r}", fix="use 'linear'")
+        if allocation not in ("global", "uniform"):
+            raise InputError(f"allocation must be 'global' or 'uniform', got {allocation!r}",
+                             fix="'global' (the paper's per-layer targets) or 'uniform'")
         self.target = float(target)
         self.structure = structure
         self.tau = float(tau)
         self.warmup = warmup
         self.ramp = ramp
         self.schedule = schedule
+        self.allocation = allocation if structure != "nm" else "uniform"
         self.n = n
         self.m = m
         self.ignore = validate_ignore(ignore)
@@ -271,6 +357,7 @@ class PDP(Pass):
         self._params: dict[str, Any] = {}  # name -> parametrization
         self._skipped: dict[str, str] = {}
         self._channel: _ChannelState | None = None
+        self._scaled: dict[str, str] = {}  # channel structure: how each parametrized weight is scaled
 
     # ------------------------------------------------------------------ setup
     def run(self, program: Program, ctx: PassContext) -> PassResult:
@@ -307,12 +394,36 @@ class PDP(Pass):
                         self._skipped[name] = f"reduction dim {red} not a multiple of {self.m}" \
                             if info.kind != "conv_transpose" else "transposed conv"
                         continue
-                p = PDPMask(self._sched, self.structure, self.tau, self.n, self.m, info.reduction_dim)
+                p = PDPMask(self._sched, self.structure, self.tau, self.n, self.m, info.reduction_dim, key=name)
                 mod, attr = owner(module, name)
                 parametrize.register_parametrization(mod, attr, p)
                 self._params[name] = p
-        if not self._params:
+        if not self._params and self._channel is None:
             raise InputError(f"PDP({self.structure}) found nothing to prune", fix="check ignore= and the model")
+        if self.warmup == 0:
+            self._allocate()
+
+    @torch.no_grad()
+    def _allocate(self) -> None:
+        """Per-layer targets from the current weights (once, when the warm-up ends)."""
+        if self.allocation != "global" or self._sched.layer_targets is not None:
+            return
+        if self._channel is not None:
+            scores = {}
+            for g in self._channel.groups:
+                s = self._channel.sq_norms(g).detach()
+                scores[g.id] = s / s.mean().clamp_min(1e-30)
+        else:
+            scores = {name: self._original(name).abs() for name in self._params}
+        self._sched.layer_targets = global_allocation(scores, self.target) if scores else {}
+
+    @property
+    def layer_targets(self) -> dict[Any, float]:
+        """Final ratio per weight name (channel: per group id); ``target`` everywhere until the global allocation
+        has run (at the end of the warm-up) or with ``allocation="uniform"``."""
+        if self._channel is not None:
+            return {g.id: self._sched.final(g.id) for g in self._channel.groups}
+        return {name: self._sched.final(name) for name in self._params}
 
     def _install_channel(self, program: Program, module: nn.Module) -> None:
         gs = program.groups
@@ -325,13 +436,24 @@ class PDP(Pass):
                 continue
             groups.append(g)
         links: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+        outputs, norms, absorbed = channel_output_slices(program.gm)
         for gi, g in enumerate(groups):
+            scored = []
             for mem in g.members:
                 t = get_tensor(module, mem.param)
                 if not isinstance(t, nn.Parameter) or not t.is_floating_point() or \
                         "no_zero" in roles.get(mem.param, set()):
                     continue
                 pnames.add(mem.param)
+                scored.append(mem)
+            # scale the channel once: its producers' outputs, or the norm right after a producer
+            scaled = [m for m in scored if (m.param, m.dim) in norms
+                      or ((m.param, m.dim) in outputs and m.param not in absorbed)]
+            if not scaled:  # no recognised producer: fall back to every slice (reported)
+                scaled = scored
+                self._skipped[f"group {g.id}"] = "no producer slice recognised: every slice scaled"
+            for mem in scaled:
+                self._scaled[mem.param] = "norm" if (mem.param, mem.dim) in norms else "output"
                 links.setdefault(mem.param, []).append((gi, mem.dim, mem.coords.copy()))
         self._channel = _ChannelState(self._sched, self.tau, module, groups, pnames)
         for name, lk in links.items():
@@ -344,8 +466,11 @@ class PDP(Pass):
         st = {"structure": self.structure, "target": self.target, "parametrized": len(self._params),
               "skipped": dict(self._skipped),
               "next": "train the module, call pdp.step() after every optimizer step, then pdp.finalize()"}
+        st["allocation"] = self.allocation
+        st["schedule"] = self.schedule
         if self._channel is not None:
             st["groups"] = len(self._channel.groups)
+            st["scaled"] = dict(self._scaled)
         return st
 
     # ------------------------------------------------------------------ training-time API
@@ -364,11 +489,14 @@ class PDP(Pass):
         """Advance the schedule by ``k`` optimizer steps; returns the current ratio."""
         self._require()
         self._sched.step += int(k)
+        if self._sched.step >= self.warmup:
+            self._allocate()
         return self._sched.ratio()
 
     @property
     def ratio(self) -> float:
-        """The sparsity the soft masks currently aim at (0 during warm-up, ``target`` after the ramp)."""
+        """The overall sparsity the soft masks currently aim at (0 during warm-up, ``target`` after the ramp;
+        per layer: ``layer_targets`` times the same ramp fraction)."""
         return self._sched.ratio()
 
     def _original(self, name: str) -> torch.Tensor:
@@ -403,7 +531,7 @@ class PDP(Pass):
                 out = {}
                 for g in self._channel.groups:
                     s = self._channel.sq_norms(g)
-                    keep = self._channel.keep_count(g, self.target)
+                    keep = self._channel.keep_count(g, self._sched.final(g.id))
                     mask = np.zeros(g.size, dtype=bool)
                     mask[torch.argsort(-s, stable=True)[:keep].numpy()] = True
                     out[g.id] = mask
@@ -415,7 +543,7 @@ class PDP(Pass):
                     out[name] = nm_mask(w.abs(), self.n, self.m, p.dim)
                 else:
                     a = w.abs().reshape(-1)
-                    keep = a.numel() - int(round(self.target * a.numel()))
+                    keep = a.numel() - int(round(self._sched.final(name) * a.numel()))
                     mask = torch.zeros(a.numel(), dtype=torch.bool)
                     mask[torch.argsort(-a, stable=True)[:keep]] = True
                     out[name] = mask.reshape(w.shape)
@@ -440,6 +568,7 @@ class PDP(Pass):
 
         module = self._require()
         program = self._program
+        self._allocate()
         masks = self.hard_masks()
         self._sched.hard = True  # bake at the target ratio
         with torch.no_grad():  # all effective weights first: channel masks read the other originals
