@@ -21,3 +21,4 @@ from .pagcp import PAGCP; from .precrop import PreCrop; from .tas import TASearc
 __all__ = ["ChannelPrune", "ApplyMasks", "Shrink", "BNScalePrune", "GroupChannelPrune", "AbsorbBNShift",
            "YOLOV4_QUANTILES", "Unstructured", "NMSparsity", "BlockSparsity", "BlockSparseRewrite", "HeadPrune",
            "PDP", "MACPruneGate", "FTWTGates", "FTWTLoss"]
+from .latency_prune import LatencyPrune  # noqa: E402 (issue 17: latency-aware widths)

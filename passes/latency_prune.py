@@ -1,0 +1,648 @@
+"""LatencyPrune: choose per-group widths that meet a latency target measured on the target backend (HALP-style).
+
+How it works (a selection pass: it writes keep-masks like ChannelPrune; Shrink removes the channels):
+
+1. every conv2d / linear node is an op (:class:`~fxprune.passes.latency_table.OpSpec`) whose input and output
+   widths are linear in the kept counts of the candidate groups (coupled groups, concat and product spaces
+   included: ``width = const + sum(multiplicity * kept)``);
+2. each candidate group may take a few *levels* (kept counts): multiples of ``step`` (and of the group's divisor)
+   between the ``max_ratio`` floor and the full width, ``levels`` of them; each op's widths then take a small grid
+   of values, and the :class:`~fxprune.passes.latency_table.LatencyTable` measures every grid point once per
+   machine (cached on disk); off-grid widths (ops fed by several groups) are interpolated;
+3. a greedy knapsack picks the widths: while the predicted latency is above the target, take the (group, level)
+   step that loses the least importance per millisecond saved, looking ahead over all lower levels so that a level
+   that is no faster on this hardware is skipped (this is where hardware-friendly widths come from); then add back
+   the steps that fit below the target, most importance per millisecond first;
+4. with ``measure=True`` (default) the dense and the selected (shrunk, not yet verified) programs are exported to
+   ONNX and timed against each other in interleaved rounds; the end-to-end latency is modelled as
+   ``alpha * table_sum + beta`` (fitted on the dense point and every measured selection), and the selection is
+   redone until the measured latency is within ``tolerance`` of the target (``calibrate`` rounds at most).
+
+The importance is ChannelPrune's (``importance=``), normalised by each group's mean as in its global scope.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from fxprune.errors import BudgetError, InputError
+from fxprune.groups import GroupSet
+from fxprune.pass_manager import Pass, PassContext, PassResult, register_pass
+from fxprune.program import Program
+from fxprune.records import SelectionRecord
+
+from . import importance as imp
+from .channel_prune import ChannelPrune, _checked_scores, _top_k, use_norm_mode
+from .latency_table import LatencyTable, OpSpec
+
+__all__ = ["LatencyPrune", "LatencyModel", "Width", "LatOp", "extract_ops", "group_levels", "select_widths"]
+
+_CONV = {"aten.conv2d.default", "aten.convolution.default"}
+_LINEAR = {"aten.linear.default"}
+
+
+@dataclass
+class Width:
+    """A dim's width as a linear function of the candidate groups' kept counts: ``const + sum(m * kept[g])``."""
+
+    const: float
+    terms: dict[int, float] = field(default_factory=dict)  # group id -> positions per kept channel
+    scale: int = 1  # a grouped conv's weight dim 1 is per group: width = scale * (...)
+
+    def at(self, counts: dict[int, int]) -> float:
+        return self.scale * (self.const + sum(m * counts[g] for g, m in self.terms.items()))
+
+
+@dataclass
+class LatOp:
+    """One timed op: its spec, the widths of its input and output, and the grids the table measures."""
+
+    node: str
+    spec: OpSpec
+    w_in: Width
+    w_out: Width
+    grid_in: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    grid_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def groups(self) -> set[int]:
+        return set(self.w_in.terms) | set(self.w_out.terms)
+
+    def points(self) -> list[tuple[OpSpec, int, int]]:
+        if self.spec.depthwise:
+            return [(self.spec, int(w), int(w)) for w in self.grid_out]
+        return [(self.spec, int(a), int(b)) for a in self.grid_in for b in self.grid_out]
+
+    def cost(self, table: LatencyTable, counts: dict[int, int]) -> float:
+        wo = self.w_out.at(counts)
+        if self.spec.depthwise:
+            g = self.grid_out
+            return table.predict(self.spec, wo, wo, g, g) if len(g) == 1 else _interp1(table, self.spec, g, wo)
+        return table.predict(self.spec, self.w_in.at(counts), wo, self.grid_in, self.grid_out)
+
+
+def _interp1(table: LatencyTable, spec: OpSpec, g: np.ndarray, w: float) -> float:
+    w = min(max(w, float(g[0])), float(g[-1]))
+    j = int(np.searchsorted(g, w))
+    if g[j] == w:
+        return table.lookup(spec, int(w), int(w))
+    a, b = int(g[j - 1]), int(g[j])
+    f = (w - a) / (b - a)
+    return table.lookup(spec, a, a) * (1 - f) + table.lookup(spec, b, b) * f
+
+
+# ---------------------------------------------------------------------------------------------------- op model
+def _width(gs: GroupSet, space: int, cand: set[int], prior: dict[int, np.ndarray]) -> Width:
+    t = gs.analysis.table
+    w = Width(0.0)
+    for leaf, idx in t.coords(space):
+        g = gs.by_space(leaf)
+        n = int((idx >= 0).sum())
+        if g is not None and g.id in cand:
+            w.terms[g.id] = w.terms.get(g.id, 0.0) + n / g.size
+        else:
+            m = prior.get(leaf)
+            w.const += n if m is None else int(np.isin(idx[idx >= 0], np.nonzero(m)[0]).sum())
+    return w
+
+
+def extract_ops(program: Program, cand: set[int]) -> list[LatOp]:
+    """The conv2d (not transposed) and linear nodes of ``program`` whose weight is a tracked parameter, with the
+    widths of their input and output in terms of the groups ``cand``."""
+    gs = program.groups
+    an = gs.analysis
+    prior = program.leaf_keep()
+    ops: list[LatOp] = []
+    for n in program.gm.graph.nodes:
+        tgt = str(n.target)
+        if n.op != "call_function" or tgt not in _CONV | _LINEAR:
+            continue
+        x, w = n.args[0], n.args[1]
+        if getattr(w, "op", None) != "get_attr" or not isinstance(x.meta.get("val"), torch.Tensor):
+            continue
+        name = an.param_alias.get(w.target, w.target)
+        if name not in an.param_spaces:
+            continue
+        xs = tuple(int(s) for s in x.meta["val"].shape)
+        wshape = tuple(int(s) for s in program.param(name).shape)
+        ps = an.param_spaces[name]
+        has_bias = len(n.args) > 2 and n.args[2] is not None
+        if tgt in _CONV:
+            a = list(n.args) + [None] * 9
+            if tgt == "aten.convolution.default":
+                if a[6]:  # transposed
+                    continue
+                stride, pad, dil, groups = a[3], a[4], a[5], a[8]
+            else:
+                stride, pad, dil, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+            if len(xs) != 4 or isinstance(pad, str):
+                continue
+            groups = int(groups)
+            dw = groups > 1 and wshape[1] == 1 and groups == xs[1] == wshape[0]
+            spec = OpSpec("conv", xs[0], xs[2:], tuple(wshape[2:]), tuple(map(int, stride)), tuple(map(int, pad)),
+                          tuple(map(int, dil)), 1 if dw else groups, dw, has_bias)
+            w_out = _width(gs, ps[0], cand, prior)
+            w_in = w_out if dw else _width(gs, ps[1], cand, prior)
+            if not dw:
+                w_in.scale = groups
+        else:
+            if len(xs) < 2:
+                continue
+            spec = OpSpec("linear", xs[0], xs[1:-1], bias=has_bias)
+            w_out, w_in = _width(gs, ps[0], cand, prior), _width(gs, ps[1], cand, prior)
+        ops.append(LatOp(n.name, spec, w_in, w_out))
+    return ops
+
+
+def group_levels(size: int, *, step: int, levels: int, max_ratio: float, divisor: int = 1,
+                 top: int | None = None) -> list[int]:
+    """Kept counts a group of ``size`` channels may take, descending, ``top`` (default ``size``) first: multiples
+    of ``lcm(step, divisor)`` (of ``divisor`` alone for groups smaller than twice that) from the ``max_ratio``
+    floor up, ``levels`` of them at most (evenly spread)."""
+    top = size if top is None else top
+    unit = math.lcm(step, divisor)
+    if size < 2 * unit:
+        unit = divisor
+    floor = max(unit, size - int(math.floor(size * max_ratio + 1e-9)))
+    floor = int(math.ceil(floor / unit)) * unit
+    cands = [top] + [k for k in range((top - 1) // unit * unit, floor - 1, -unit) if 0 < k < top]
+    if len(cands) <= levels:
+        return cands
+    idx = np.unique(np.round(np.linspace(0, len(cands) - 1, levels)).astype(int))
+    return [cands[i] for i in idx]
+
+
+def _dim_grid(w: Width, levels: dict[int, list[int]], n: int, multiple: int) -> np.ndarray:
+    """The widths at which the table measures a dim: exact when one group drives it, else ``n`` even points."""
+    full = w.at({g: levels[g][0] for g in w.terms})
+    if not w.terms:
+        return np.array([int(round(full))], dtype=np.int64)
+    if len(w.terms) == 1:
+        (g,) = w.terms
+        vals = {int(round(w.at({g: k}))) for k in levels[g]}
+    else:
+        lo = w.at({g: levels[g][-1] for g in w.terms})
+        vals = {int(round(v)) for v in np.linspace(lo, full, n)}
+    vals = {max(multiple, int(math.ceil(v / multiple)) * multiple) for v in vals}
+    return np.array(sorted(vals), dtype=np.int64)
+
+
+class LatencyModel:
+    """Predicted latency (table units, ms) of the ops at given kept counts, with per-group incremental deltas."""
+
+    def __init__(self, ops: list[LatOp], table: LatencyTable, levels: dict[int, list[int]], grid: int):
+        self.ops, self.table, self.levels = ops, table, levels
+        for op in ops:
+            mult = op.spec.groups if op.spec.kind == "conv" else 1
+            op.grid_out = _dim_grid(op.w_out, levels, grid, mult)
+            op.grid_in = op.grid_out if op.spec.depthwise else _dim_grid(op.w_in, levels, grid, mult)
+        self.by_group: dict[int, list[int]] = {g: [] for g in levels}
+        for i, op in enumerate(ops):
+            for g in op.groups:
+                self.by_group.setdefault(g, []).append(i)
+
+    def points(self) -> list[tuple[OpSpec, int, int]]:
+        return [p for op in self.ops for p in op.points()]
+
+    def op_costs(self, counts: dict[int, int]) -> np.ndarray:
+        return np.array([op.cost(self.table, counts) for op in self.ops], dtype=np.float64)
+
+    def total(self, counts: dict[int, int]) -> float:
+        return float(self.op_costs(counts).sum())
+
+    def cost_of(self, idx: Iterable[int], counts: dict[int, int]) -> float:
+        return sum(self.ops[i].cost(self.table, counts) for i in idx)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+def select_widths(model: LatencyModel, cum: dict[int, np.ndarray], target: float,
+                  start: dict[int, int] | None = None) -> dict[int, int]:
+    """Kept count per group with ``model.total(counts) <= target`` losing the least importance (greedy knapsack).
+
+    ``cum[g][k]``: importance of group ``g``'s top ``k`` channels. Down phase: repeatedly apply the (group, lower
+    level) move with the smallest importance lost per unit of latency saved (moves saving nothing are never taken);
+    up phase: while some move to a higher level still fits under ``target``, apply the one with the most importance
+    gained per unit of latency added; then (one group down, another up) swaps that fit and keep more importance,
+    and the up phase again, until nothing changes. Raises BudgetError when even the lowest levels miss ``target``."""
+    levels = model.levels
+    counts = dict(start) if start is not None else {g: lv[0] for g, lv in levels.items()}
+    pos = {g: levels[g].index(counts[g]) for g in levels}
+    total = model.total(counts)
+    floor_counts = {g: lv[-1] for g, lv in levels.items()}
+    if model.total(floor_counts) > target + 1e-12:
+        raise BudgetError(f"the latency target ({target:.4g} table-ms) is below what the lowest widths reach "
+                          f"({model.total(floor_counts):.4g}); frozen layers and unmodelled ops set the floor",
+                          fix="raise target_latency, raise max_ratio, or unfreeze more layers")
+
+    def moves(g: int, down: bool) -> list[tuple[float, int, float, float]]:
+        idx = model.by_group.get(g, [])
+        here = model.cost_of(idx, counts)
+        out = []
+        rng = range(pos[g] + 1, len(levels[g])) if down else range(pos[g] - 1, -1, -1)
+        for j in rng:
+            k = levels[g][j]
+            trial = dict(counts)
+            trial[g] = k
+            dlat = here - model.cost_of(idx, trial)  # > 0: faster
+            dimp = float(cum[g][counts[g]] - cum[g][k])  # > 0 going down
+            out.append((j, k, dlat, dimp))
+        return out
+
+    cache: dict[int, list] = {}
+    while total > target + 1e-12:
+        best = None
+        for g in levels:
+            if g not in cache:
+                cache[g] = moves(g, True)
+            for j, k, dlat, dimp in cache[g]:
+                if dlat <= 1e-12:
+                    continue
+                r = dimp / dlat
+                if best is None or r < best[0] - 1e-15:
+                    best = (r, g, j, k, dlat)
+        if best is None:
+            raise BudgetError(f"no width reduction lowers the predicted latency below {target:.4g} (now {total:.4g})",
+                              fix="raise target_latency or max_ratio")
+        _, g, j, k, dlat = best
+        counts[g], pos[g] = k, j
+        total -= dlat
+        _invalidate(cache, model, g)
+
+    def up_phase(total: float) -> float:
+        cache = {}
+        while True:
+            best = None
+            for g in levels:
+                if pos[g] == 0:
+                    continue
+                if g not in cache:
+                    cache[g] = moves(g, False)
+                for j, k, dlat, dimp in cache[g]:
+                    add = -dlat
+                    if total + add > target + 1e-12:
+                        continue
+                    gain = -dimp
+                    r = gain / max(add, 1e-12)
+                    if gain > 0 and (best is None or r > best[0]):
+                        best = (r, g, j, k, add)
+            if best is None:
+                break
+            _, g, j, k, add = best
+            counts[g], pos[g] = k, j
+            total += add
+            _invalidate(cache, model, g)
+        return total
+
+    for _ in range(4):
+        total = up_phase(total)
+        before = dict(counts)
+        total = _swap_phase(model, cum, target, counts, pos, moves, total)
+        if counts == before:
+            break
+    else:
+        up_phase(total)
+    return counts
+
+
+def _swap_phase(model: LatencyModel, cum: dict[int, np.ndarray], target: float, counts: dict[int, int],
+                pos: dict[int, int], moves: Any, total: float, max_swaps: int | None = None) -> float:
+    """Local search after the greedy: apply (one group down, another up) pairs that fit under ``target`` and keep
+    more importance, best first (pair deltas are estimated as additive, then checked exactly). Updates
+    ``counts``/``pos`` in place; returns the new total."""
+    levels = model.levels
+    cd: dict[int, list] = {}
+    cu: dict[int, list] = {}
+    for _ in range(max_swaps if max_swaps is not None else 2 * len(levels)):
+        for g in levels:
+            if g not in cd:
+                cd[g], cu[g] = moves(g, True), moves(g, False)
+        down = [(g, j, k, dl, di) for g in levels for j, k, dl, di in cd[g]]
+        up = [(g, j, k, -dl, -di) for g in levels for j, k, dl, di in cu[g]]
+        if not down or not up:
+            break
+        dg = np.array([d[0] for d in down])
+        ug = np.array([u[0] for u in up])
+        dlat = np.array([d[3] for d in down])
+        dimp = np.array([d[4] for d in down])
+        ulat = np.array([u[3] for u in up])
+        uimp = np.array([u[4] for u in up])
+        gain = uimp[None, :] - dimp[:, None]
+        ok = (total - dlat[:, None] + ulat[None, :] <= target + 1e-12) & (dg[:, None] != ug[None, :]) & (gain > 1e-9)
+        if not ok.any():
+            break
+        done = False
+        for flat in np.argsort(-np.where(ok, gain, -np.inf), axis=None)[:16]:
+            a, b = np.unravel_index(flat, ok.shape)
+            if not ok[a, b]:
+                break
+            trial = {**counts, down[a][0]: down[a][2], up[b][0]: up[b][2]}
+            t = model.total(trial)
+            if t <= target + 1e-12:
+                counts.update(trial)
+                pos[down[a][0]], pos[up[b][0]] = down[a][1], up[b][1]
+                total, done = t, True
+                _invalidate(cd, model, down[a][0])
+                _invalidate(cd, model, up[b][0])
+                _invalidate(cu, model, down[a][0])
+                _invalidate(cu, model, up[b][0])
+                break
+        if not done:
+            break
+    return total
+
+
+def _invalidate(cache: dict[int, list], model: LatencyModel, g: int) -> None:
+    touched = {h for i in model.by_group.get(g, []) for h in model.ops[i].groups} | {g}
+    for h in touched:
+        cache.pop(h, None)
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
+@register_pass
+class LatencyPrune(Pass):
+    """Prune channels to meet a latency target measured on the target backend (per-op latency tables; see the
+    module docstring of :mod:`fxprune.passes.latency_prune`). Latency is that of the example inputs' shape
+    (compile with a batch-8 example to target batch 8).
+
+    ``target_latency``: the target as a fraction of the dense model's latency (e.g. 0.5); or ``target_ms``:
+    an absolute target in milliseconds (exactly one of the two). ``backend``: ``"onnxruntime"`` (CPU; the only
+    backend with tables so far). ``threads``: intra-op threads of the measurements.
+    ``importance``, ``ignore``, ``max_ratio``, ``norms``: as in ChannelPrune (max_ratio: largest fraction of one
+    group removed). ``step``: kept counts are multiples of it (and of the group's divisor); ``levels``: how many
+    widths per group are measured and considered; ``grid``: grid points per dim for ops fed by several groups.
+    ``measure``: time the dense and selected models end to end and recalibrate (``calibrate`` selections at most)
+    until the measured latency is within ``tolerance`` (relative) of the target; with ``strict`` a miss after
+    the last round raises BudgetError instead of being reported only. ``measure=False`` predicts from the table
+    alone (latency proportional to the sum over ops). ``table``: a LatencyTable to use (e.g.
+    ``LatencyTable.synthetic(fn)``); otherwise the cached one for this host/backend/version/threads
+    (``cache_dir``, ``rebuild=True`` to measure it again; ``repeats``, ``max_spread``: rounds per point and the
+    largest relative interquartile range accepted, else MeasurementError). ``repeats_e2e``: interleaved rounds
+    of the end-to-end measurement.
+    """
+
+    name = "latency_prune"
+    requires = frozenset({"groups"})
+
+    def __init__(self, target_latency: float | None = None, *, target_ms: float | None = None,
+                 backend: str = "onnxruntime", threads: int = 2, importance: Any = "l2",
+                 ignore: str | Iterable[Any] = (), max_ratio: float = 0.9, norms: str = "freeze", step: int = 8,
+                 levels: int = 8, grid: int = 6, measure: bool = True, calibrate: int = 3, tolerance: float = 0.05,
+                 strict: bool = True, table: Any = None, cache_dir: str | None = None, rebuild: bool = False,
+                 repeats: int = 7, max_spread: float = 0.5, repeats_e2e: int = 15):
+        if (target_latency is None) == (target_ms is None):
+            raise InputError("give exactly one of target_latency= (fraction of dense) or target_ms=",
+                             fix="e.g. LatencyPrune(target_latency=0.5)")
+        if target_latency is not None and not (0 < target_latency < 1):
+            raise InputError(f"target_latency must be in (0, 1), got {target_latency!r}",
+                             fix="a fraction of the dense latency, e.g. 0.5; or target_ms= for milliseconds")
+        if target_ms is not None and not target_ms > 0:
+            raise InputError(f"target_ms must be > 0, got {target_ms!r}", fix="e.g. target_ms=10.0")
+        if target_ms is not None and not measure:
+            raise InputError("target_ms needs measure=True (the dense latency in ms is measured end to end)",
+                             fix="use target_latency= with measure=False")
+        for nm, v, lo in (("step", step, 1), ("levels", levels, 2), ("grid", grid, 2), ("calibrate", calibrate, 1),
+                          ("repeats_e2e", repeats_e2e, 3)):
+            if not (isinstance(v, int) and v >= lo):
+                raise InputError(f"{nm} must be an int >= {lo}, got {v!r}", fix=f"e.g. {nm}={max(lo, 3)}")
+        if not (0 < tolerance < 1):
+            raise InputError(f"tolerance must be in (0, 1), got {tolerance!r}", fix="e.g. tolerance=0.05")
+        if table is not None and not isinstance(table, LatencyTable):
+            raise InputError(f"table must be a LatencyTable, got {type(table).__name__}",
+                             fix="LatencyTable(backend, threads) or LatencyTable.synthetic(fn)")
+        self._cp = ChannelPrune(ratio=0.0, importance=importance, ignore=ignore, max_ratio=max_ratio, norms=norms,
+                                scope="global")
+        self.target_latency, self.target_ms = target_latency, target_ms
+        self.backend, self.threads, self.importance = backend, threads, importance
+        self.ignore, self.max_ratio, self.norms = ignore, max_ratio, norms
+        self.step, self.levels, self.grid = step, levels, grid
+        self.measure, self.calibrate, self.tolerance, self.strict = measure, calibrate, tolerance, strict
+        self.table, self.cache_dir, self.rebuild = table, cache_dir, rebuild
+        self.repeats, self.max_spread, self.repeats_e2e = repeats, max_spread, repeats_e2e
+
+    def _table(self) -> LatencyTable:
+        if self.table is not None:
+            return self.table
+        return LatencyTable(self.backend, self.threads, cache_dir=self.cache_dir, rebuild=self.rebuild,
+                            repeats=self.repeats, max_spread=self.max_spread)
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        t0 = time.perf_counter()
+        gs = use_norm_mode(program, self.norms)
+        groups = self._cp.candidates(program)
+        score_fn = imp.prepare(self.importance, program, groups, ctx)
+        prior = program.leaf_keep()
+        scores: dict[int, np.ndarray] = {}
+        for g in groups:
+            s = score_fn(program, g, ctx)
+            if s is not None:
+                s = _checked_scores(s, g)
+                s = s / (s.mean() + 1e-12)
+                if g.space in prior:
+                    s = np.where(prior[g.space], s, -np.inf)
+                scores[g.id] = s
+        groups = [g for g in groups if g.id in scores]
+        levels: dict[int, list[int]] = {}
+        cum: dict[int, np.ndarray] = {}
+        for g in groups:
+            top = int(prior[g.space].sum()) if g.space in prior else g.size
+            levels[g.id] = group_levels(g.size, step=self.step, levels=self.levels, max_ratio=self.max_ratio,
+                                        divisor=program.divisors.get(g.id, 1), top=top)
+            s = np.sort(np.where(np.isfinite(scores[g.id]), scores[g.id], 0.0))[::-1]
+            cum[g.id] = np.concatenate([[0.0], np.cumsum(s)])
+        levels = {g: lv for g, lv in levels.items() if len(lv) > 1}
+        ops = extract_ops(program, set(levels))
+        if not ops:
+            raise InputError("no conv2d or linear op with a tracked weight: nothing to build a latency model from",
+                             fix="use ChannelPrune(target_macs=...) for this model")
+        table = self._table()
+        model = LatencyModel(ops, table, levels, self.grid)
+        table.ensure(model.points(), progress=ctx.log.append)
+        dense_counts = {g: lv[0] for g, lv in levels.items()}
+        p_dense = model.total(dense_counts)
+        stats: dict[str, Any] = {"ops": len(ops), "groups_considered": len(levels),
+                                 "table_points": len(model.points()), "table_points_measured": table.measured_now,
+                                 "table_file": str(table.path) if table.path else "synthetic",
+                                 "table_dense_ms": round(p_dense, 4)}
+        try:
+            stats["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        except OSError:  # pragma: no cover
+            pass
+        if not self.measure:
+            counts = select_widths(model, cum, self.target_latency * p_dense)
+            stats["predicted_ratio"] = round(model.total(counts) / p_dense, 4)
+            stats["target_ratio"] = self.target_latency
+        else:
+            counts = self._closed_loop(program, model, cum, p_dense, stats)
+        masks = {}
+        for g in groups:
+            if g.id in counts and counts[g.id] < (levels[g.id][0]):
+                masks[g.id] = _top_k(scores[g.id], counts[g.id])
+        for gid, m in masks.items():
+            program.select_channels(gid, m)
+        record = SelectionRecord({gid: (float(np.min(scores[gid][np.isfinite(scores[gid])])),
+                                        float(np.mean(scores[gid][np.isfinite(scores[gid])])),
+                                        float(np.max(scores[gid]))) for gid in masks})
+        total_imp = sum(float(c[-1]) for c in cum.values())
+        stats.update(
+            importance_retained=round(sum(float(cum[g][counts[g]]) for g in counts) / total_imp, 4) if total_imp
+            else 1.0, groups_pruned=len(masks), channels_removed=int(sum((~m).sum() for m in masks.values())),
+            macs_dense=gs.macs(), macs_estimate=gs.macs(program.leaf_keep()),
+            kept={int(g): int(k) for g, k in counts.items() if k < levels[g][0]},
+            seconds=round(time.perf_counter() - t0, 1))
+        return PassResult(program, changed=bool(masks), stats=stats, record=record)
+
+    # ------------------------------------------------------------------ end-to-end calibration
+    def _closed_loop(self, program: Program, model: LatencyModel, cum: dict[int, np.ndarray], p_dense: float,
+                     stats: dict[str, Any]) -> dict[int, int]:
+        table = model.table if model.table.fn is None else LatencyTable(
+            self.backend, self.threads, persist=False, repeats=self.repeats, max_spread=self.max_spread)
+        with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
+            dense_path = Path(tmp) / "dense.onnx"
+            _export(program.gm, program.args, dense_path)
+            inputs = _feed(dense_path, program.args)
+            dense_ms = table.time_model(dense_path, inputs, repeats=self.repeats_e2e)
+            target = self.target_latency if self.target_latency is not None else self.target_ms / dense_ms
+            stats["dense_ms_first"] = round(dense_ms, 3)
+            stats["target_ratio"] = round(target, 4)
+            pts = [(p_dense, 1.0)]  # (table sum, measured ratio to dense)
+            rounds: list[dict[str, Any]] = []
+            best: tuple[float, dict[int, int], dict[str, Any]] | None = None
+            alpha, beta = 1.0 / p_dense, 0.0
+            for r in range(self.calibrate):
+                want = (target - beta) / alpha
+                counts = select_widths(model, cum, want)
+                p_sel = model.total(counts)
+                pred = alpha * p_sel + beta
+                path = Path(tmp) / f"pruned{r}.onnx"
+                _export(_shrunk(program, counts, model.levels), program.args, path)
+                d_ms, p_ms = _compare(table, dense_path, path, inputs, self.repeats_e2e)
+                meas = p_ms / d_ms
+                row = {"round": r, "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
+                       "dense_ms": round(d_ms, 3), "pruned_ms": round(p_ms, 3),
+                       "predicted_ms": round(pred * d_ms, 3), "table_sum_ms": round(p_sel, 4)}
+                rounds.append(row)
+                miss = abs(meas / target - 1)
+                if best is None or miss < best[0]:
+                    best = (miss, counts, row)
+                if miss <= self.tolerance:
+                    break
+                pts.append((p_sel, meas))
+                alpha, beta = _fit(pts, target)
+            stats["rounds"] = rounds
+        assert best is not None
+        miss, counts, row = best
+        stats.update(predicted_ratio=row["predicted_ratio"], measured_ratio=row["measured_ratio"],
+                     predicted_ms=row["predicted_ms"], measured_ms=row["pruned_ms"], dense_ms=row["dense_ms"],
+                     target_miss=round(miss, 4))
+        if miss > self.tolerance and self.strict:
+            raise BudgetError(
+                f"measured latency {row['measured_ratio']:.3f} of dense misses the target {target:.3f} by "
+                f"{100 * miss:.1f}% (tolerance {100 * self.tolerance:.0f}%) after {len(rounds)} calibration rounds "
+                f"(predicted {row['predicted_ratio']:.3f})",
+                fix="raise calibrate= or tolerance=, measure on a quieter machine, or strict=False to keep the "
+                    "closest selection")
+        return counts
+
+
+def _fit(pts: list[tuple[float, float]], target: float) -> tuple[float, float]:
+    """``ratio = alpha * table_sum + beta`` through the two measured points nearest the target (alpha > 0), or
+    proportional through the nearest one."""
+    near = sorted(pts, key=lambda p: abs(p[1] - target))[:2]
+    (x1, y1), (x2, y2) = near if len(near) == 2 else (near[0], near[0])
+    if abs(x1 - x2) > 1e-9 * max(x1, x2):
+        a = (y1 - y2) / (x1 - x2)
+        if a > 0:
+            return a, y1 - a * x1
+    return y1 / x1, 0.0
+
+
+def _shrunk(program: Program, counts: dict[int, int], levels: dict[int, list[int]]) -> torch.nn.Module:
+    """The program with ``counts`` applied, physically shrunk (no verification: only timed)."""
+    from fxprune.masking import param_keep, rewrite_shape_constants, shrunk_copy
+    from fxprune.shape_prop import propagate_shapes
+
+    gs = program.groups
+    keep = dict(program.leaf_keep())
+    for gid, k in counts.items():
+        if k < levels[gid][0]:
+            g = gs[gid]
+            # any k channels give the same shapes: keep the first k of the prior selection
+            base = keep.get(g.space, np.ones(g.size, dtype=bool))
+            m = np.zeros(g.size, dtype=bool)
+            m[np.nonzero(base)[0][:k]] = True
+            keep[g.space] = m
+    pk = param_keep(gs, keep)
+    gm = shrunk_copy(program.gm, gs, keep, keep=pk)
+    rewrite_shape_constants(gm, gs, keep)
+    propagate_shapes(gm, program, pass_name="latency_prune", what="on the shrunk copy timed for calibration")
+    return gm
+
+
+def _export(gm: torch.nn.Module, args: tuple, path: Path) -> None:
+    from fxprune.backends import onnx as onnx_backend
+
+    onnx_backend.export(gm, tuple(args), path, dynamic_batch=False, check_parity=False)
+
+
+def _feed(path: Path, args: tuple) -> dict[str, np.ndarray]:
+    from fxprune.backends import onnxruntime as ort
+
+    sess = ort.session(path, 1)
+    return ort.feed(sess, tuple(args))
+
+
+def _compare(table: LatencyTable, dense: Path, pruned: Path, inputs: dict[str, np.ndarray],
+             repeats: int) -> tuple[float, float]:
+    """Medians (ms) of the dense and pruned models timed in interleaved rounds; MeasurementError if too noisy."""
+    d, p = table.compare_models([dense, pruned], inputs, repeats=repeats)
+    return d, p
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def kept_counts(groups: GroupSet, module: torch.nn.Module) -> dict[int, int]:
+    """Kept channels per prunable group of ``groups`` (the dense model's) in a pruned ``module`` with the same
+    parameter names (fxprune's Compiled.module, a Torch-Pruning model pruned in place), read from the shape of a
+    member that spans its whole dim. Groups without such a member are left out."""
+    params = dict(module.named_parameters())
+    alias = {v: k for k, v in groups.analysis.param_alias.items()}
+    out: dict[int, int] = {}
+    for g in groups.prunable():
+        for m in g.members:
+            full = groups.param_shapes.get(m.param)
+            p = params.get(m.param, params.get(alias.get(m.param, ""), None))
+            if p is None or full is None or m.covers != full[m.dim] or m.covers % g.size:
+                continue
+            out[g.id] = int(p.shape[m.dim]) * g.size // full[m.dim]
+            break
+    return out
+
+
+def importance_retained(model: torch.nn.Module, example_inputs: tuple, counts: dict[int, int],
+                        importance: Any = "l2", seed: int = 0) -> float:
+    """Fraction of the (per-group mean-normalised) importance kept when each group keeps its ``counts[g]`` most
+    important channels (an upper bound for a method that keeps other channels), over the groups LatencyPrune
+    would consider; the measure LatencyPrune reports as ``importance_retained``."""
+    from fxprune.trace import trace
+
+    program = Program(trace(model, tuple(example_inputs), {}), tuple(example_inputs), {}, source=model)
+    groups = ChannelPrune(ratio=0.0, importance=importance).candidates(program)
+    ctx = PassContext(seed=seed)
+    fn = imp.prepare(importance, program, groups, ctx)
+    kept = total = 0.0
+    for g in groups:
+        s = fn(program, g, ctx)
+        if s is None:
+            continue
+        s = np.sort(_checked_scores(s, g))[::-1]
+        s = s / (s.mean() + 1e-12)
+        total += float(s.sum())
+        kept += float(s[: counts.get(g.id, g.size)].sum())
+    return kept / total if total else 1.0

@@ -1,0 +1,391 @@
+"""Per-op latency lookup tables measured on the target backend (the runtime part of :mod:`LatencyPrune`).
+
+An *op* is one conv2d or linear node of a traced program with everything that sets its cost except its channel
+widths (:class:`OpSpec`: batch, spatial size / tokens, kernel, stride, padding, dilation, depthwise, groups,
+bias). :class:`LatencyTable` holds the measured latency of ``(spec, in width, out width)`` points:
+
+* measured with ONNX Runtime on the CPU (``backend="onnxruntime"``, ``threads`` intra-op threads, one inter-op
+  thread, sequential execution, all graph optimisations): each point is a one-node ONNX micro-graph (Conv, or
+  MatMul + Add), all points of one spec are timed in interleaved rounds (a seeded shuffle per round, so load drift
+  hits every width alike), each round takes the median of enough individually timed runs to last ``min_time_ms``
+  (at most 25); the value is the median over ``repeats`` rounds;
+* noise is checked: a point whose relative spread (interquartile range / median over the rounds) is above
+  ``max_spread`` is measured again (``retries`` times); if it stays noisy, or a micro-graph fails to run,
+  :class:`fxprune.errors.MeasurementError` names the op and the numbers (never a silently wrong table);
+* cached on disk as JSON under ``~/.cache/fxprune/latency/<host>-<backend>-<version>-t<threads>.json`` (override the
+  folder with ``cache_dir`` or ``FXPRUNE_LATENCY_CACHE``). The file records host, CPU, backend version and thread
+  count; a file whose header differs (another machine, an upgraded onnxruntime, another format) is ignored and
+  rewritten, and ``rebuild=True`` discards it on purpose.
+
+``LatencyTable.synthetic(fn)`` is a table whose "measurements" are ``fn(spec, w_in, w_out) -> ms`` (an analytic
+model, or a test's known table); it never touches a backend or the disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
+
+__all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir"]
+
+TABLE_FORMAT = 1
+BACKENDS = ("onnxruntime",)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything that sets one op's latency except its channel widths.
+
+    ``kind``: ``"conv"`` (input ``(batch, w_in, *spatial)``) or ``"linear"`` (input ``(batch, *spatial, w_in)``,
+    ``spatial`` being the token dims). ``depthwise``: a conv with ``groups == w_in == w_out`` (one width).
+    ``groups``: the group count of a non-depthwise grouped conv (constant under channel pruning)."""
+
+    kind: str
+    batch: int
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    depthwise: bool = False
+    bias: bool = True
+
+    def key(self, w_in: int, w_out: int) -> str:
+        """The table key of this op at widths ``(w_in, w_out)``."""
+        j = lambda xs: "x".join(map(str, xs)) or "-"  # noqa: E731
+        return (f"{self.kind}|b{self.batch}|s{j(self.spatial)}|k{j(self.kernel)}|st{j(self.stride)}|"
+                f"p{j(self.padding)}|d{j(self.dilation)}|g{self.groups}|dw{int(self.depthwise)}|"
+                f"bias{int(self.bias)}|in{int(w_in)}|out{int(w_out)}")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FXPRUNE_LATENCY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fxprune" / "latency"
+
+
+def _backend_version(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise InputError(f"latency tables support backend in {BACKENDS}, got {backend!r}",
+                         fix="use backend='onnxruntime' (TensorRT and torch.compile tables are not implemented)")
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency of the onnx extra
+        raise BackendUnavailableError("onnxruntime is not installed", fix="pip install onnxruntime") from e
+    return str(onnxruntime.__version__)
+
+
+class LatencyTable:
+    """Measured (or synthetic) latency of ops at given widths, in milliseconds; see the module docstring.
+
+    ``lookup(spec, w_in, w_out)`` reads one point (KeyError if it was never measured); ``ensure(points)``
+    measures the missing ones (and saves the file); ``predict(spec, w_in, w_out, grid_in, grid_out)``
+    interpolates bilinearly between measured grid points."""
+
+    def __init__(self, backend: str = "onnxruntime", threads: int = 2, *, cache_dir: str | os.PathLike | None = None,
+                 rebuild: bool = False, repeats: int = 7, warmup: int = 2, min_time_ms: float = 1.0,
+                 max_spread: float = 0.5, retries: int = 2, seed: int = 0, persist: bool = True,
+                 fn: Callable[[OpSpec, int, int], float] | None = None):
+        if not (isinstance(threads, int) and threads >= 1):
+            raise InputError(f"threads must be a positive int, got {threads!r}", fix="e.g. threads=2")
+        if not (isinstance(repeats, int) and repeats >= 3):
+            raise InputError(f"repeats must be an int >= 3, got {repeats!r}",
+                             fix="medians and spreads need at least 3 rounds, e.g. repeats=7")
+        if not (max_spread > 0):
+            raise InputError(f"max_spread must be > 0, got {max_spread!r}", fix="e.g. max_spread=0.5")
+        self.backend, self.threads, self.fn = backend, threads, fn
+        self.repeats, self.warmup, self.min_time_ms = repeats, warmup, min_time_ms
+        self.max_spread, self.retries, self.seed = max_spread, retries, seed
+        self.entries: dict[str, dict[str, float]] = {}
+        self.models: dict[str, dict[str, Any]] = {}  # end-to-end dense measurements by model fingerprint
+        self.measured_now = 0
+        if fn is not None:
+            self.header = {"format": TABLE_FORMAT, "backend": "synthetic"}
+            self.path = None
+            return
+        self.header = {"format": TABLE_FORMAT, "host": socket.gethostname(), "cpu": _cpu_name(),
+                       "backend": backend, "version": _backend_version(backend), "threads": threads}
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        name = f"{self.header['host']}-{backend}-{self.header['version']}-t{threads}.json"
+        self.path = folder / name if persist else None
+        self.invalidated: str | None = None
+        if self.path is not None and self.path.exists() and not rebuild:
+            self._load()
+
+    @classmethod
+    def synthetic(cls, fn: Callable[[OpSpec, int, int], float]) -> "LatencyTable":
+        """A table whose points are ``fn(spec, w_in, w_out)`` (ms): no backend, no file."""
+        return cls(fn=fn)
+
+    # ------------------------------------------------------------------ cache
+    def _load(self) -> None:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            self.invalidated = f"unreadable cache ({type(e).__name__}: {e})"
+            return
+        head = data.get("header", {})
+        diff = [k for k in self.header if head.get(k) != self.header[k]]
+        if diff:  # another machine / version / thread count / format: start over
+            self.invalidated = "header differs in " + ", ".join(f"{k} ({head.get(k)!r} != {self.header[k]!r})"
+                                                               for k in diff)
+            return
+        self.entries = {k: dict(v) for k, v in data.get("entries", {}).items()}
+        self.models = {k: dict(v) for k, v in data.get("models", {}).items()}
+
+    def save(self) -> None:
+        """Write the table (atomically) to its cache file; no-op for synthetic or non-persistent tables."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"header": self.header, "entries": self.entries, "models": self.models}, f, indent=0,
+                      sort_keys=True)
+        os.replace(tmp, self.path)
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def has(self, spec: OpSpec, w_in: int, w_out: int) -> bool:
+        return self.fn is not None or spec.key(w_in, w_out) in self.entries
+
+    def lookup(self, spec: OpSpec, w_in: int, w_out: int) -> float:
+        """Latency (ms) of ``spec`` at ``(w_in, w_out)``; KeyError if the point was never measured."""
+        if self.fn is not None:
+            return float(self.fn(spec, int(w_in), int(w_out)))
+        return float(self.entries[spec.key(w_in, w_out)]["ms"])
+
+    def predict(self, spec: OpSpec, w_in: float, w_out: float, grid_in: np.ndarray, grid_out: np.ndarray) -> float:
+        """Bilinear interpolation of the measured grid ``grid_in x grid_out`` (ascending ints) at ``(w_in, w_out)``
+        (exact at grid points; clamped to the grid's range)."""
+        def bracket(g: np.ndarray, w: float) -> tuple[int, int, float]:
+            w = min(max(w, float(g[0])), float(g[-1]))
+            j = int(np.searchsorted(g, w))
+            if j < len(g) and g[j] == w:
+                return j, j, 0.0
+            lo = max(j - 1, 0)
+            hi = min(j, len(g) - 1)
+            return lo, hi, 0.0 if hi == lo else (w - g[lo]) / (g[hi] - g[lo])
+
+        i0, i1, fi = bracket(grid_in, w_in)
+        o0, o1, fo = bracket(grid_out, w_out)
+        f = lambda a, b: self.lookup(spec, int(grid_in[a]), int(grid_out[b]))  # noqa: E731
+        top = f(i0, o0) * (1 - fo) + (f(i0, o1) * fo if fo else 0.0)
+        bot = (f(i1, o0) * (1 - fo) + (f(i1, o1) * fo if fo else 0.0)) if fi else 0.0
+        return top * (1 - fi) + bot * fi
+
+    # ------------------------------------------------------------------ measurement
+    def ensure(self, points: Iterable[tuple[OpSpec, int, int]], *, progress: Callable[[str], None] | None = None
+               ) -> int:
+        """Measure every point not in the table yet (grouped by spec, interleaved), then save. Returns how many
+        points were measured. Raises MeasurementError on a failing micro-graph or a spread above ``max_spread``."""
+        if self.fn is not None:
+            return 0
+        todo: dict[OpSpec, list[tuple[int, int]]] = {}
+        for spec, wi, wo in points:
+            if spec.key(wi, wo) not in self.entries:
+                lst = todo.setdefault(spec, [])
+                if (wi, wo) not in lst:
+                    lst.append((int(wi), int(wo)))
+        n = 0
+        try:
+            for i, (spec, widths) in enumerate(todo.items()):
+                if progress is not None:
+                    progress(f"latency table: op {i + 1}/{len(todo)} ({spec.kind}, {len(widths)} widths)")
+                for (wi, wo), rec in self._measure_spec(spec, widths).items():
+                    self.entries[spec.key(wi, wo)] = rec
+                    n += 1
+        finally:
+            if n:
+                self.measured_now += n
+                self.save()
+        return n
+
+    def _measure_spec(self, spec: OpSpec, widths: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, float]]:
+        import onnxruntime as rt
+
+        so = rt.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        rng = np.random.default_rng(self.seed)
+        sessions: dict[tuple[int, int], tuple[Any, dict[str, np.ndarray], int]] = {}
+        for wi, wo in widths:
+            try:
+                model, x = micro_graph(spec, wi, wo, rng)
+                sess = rt.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+                feed = {"x": x}
+                t = _time_runs(sess, feed, 1)
+                for _ in range(self.warmup):
+                    t = min(t, _time_runs(sess, feed, 1))
+            except Exception as e:  # noqa: BLE001 - any failure of the micro-graph is a failed measurement
+                raise MeasurementError(f"timing {spec.key(wi, wo)} failed: {type(e).__name__}: {e}",
+                                       fix="check the onnxruntime install; exclude this layer with ignore=[...] or "
+                                           "rebuild the table with rebuild=True") from e
+            inner = int(min(25, max(1, math.ceil(self.min_time_ms / max(t, 1e-4)))))
+            sessions[(wi, wo)] = (sess, feed, inner)
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        pending = list(sessions)
+        for attempt in range(self.retries + 1):
+            times: dict[tuple[int, int], list[float]] = {k: [] for k in pending}
+            for _ in range(self.repeats):
+                order = list(pending)
+                rng.shuffle(order)
+                for k in order:
+                    sess, feed, inner = sessions[k]
+                    times[k].append(_time_runs(sess, feed, inner))
+            still = []
+            for k in pending:
+                med, spread = _median_spread(times[k])
+                if med <= 0 or not math.isfinite(med):
+                    raise MeasurementError(f"timing {spec.key(*k)} gave a non-positive median ({med})",
+                                           fix="the timer failed; rebuild the table with rebuild=True")
+                if spread > self.max_spread:
+                    still.append(k)
+                    if attempt < self.retries:
+                        continue
+                    raise MeasurementError(
+                        f"timing {spec.key(*k)} is too noisy: relative spread {spread:.2f} (interquartile range / "
+                        f"median over {self.repeats} rounds, {attempt + 1} attempts) is above max_spread="
+                        f"{self.max_spread}; median {med:.4f} ms",
+                        fix="measure on a quieter machine (load average now "
+                            f"{_loadavg()}), raise repeats=, or accept more noise with max_spread=")
+                out[k] = {"ms": round(med, 6), "spread": round(spread, 4), "rounds": self.repeats * (attempt + 1),
+                          "inner": sessions[k][2]}
+            pending = still
+            if not pending:
+                break
+        return out
+
+    def time_model(self, path: str | os.PathLike, inputs: dict[str, np.ndarray], *, repeats: int = 9,
+                   inner: int = 3) -> float:
+        """Median latency (ms) of a whole ONNX model under this table's settings (``repeats`` rounds, each the
+        median of ``inner`` runs); MeasurementError if the rounds spread more than ``max_spread``."""
+        return self.compare_models([path], inputs, repeats=repeats, inner=inner)[0]
+
+    def compare_models(self, paths: list[str | os.PathLike], inputs: dict[str, np.ndarray], *, repeats: int = 9,
+                       inner: int = 3) -> list[float]:
+        """Median latency (ms) of each model, timed in interleaved rounds (the order rotates every round; each
+        round takes the median of ``inner`` runs per model). With two or more models the noise check is on the
+        per-round ratios to the first model (drift that hits both cancels); MeasurementError if their relative
+        interquartile range stays above ``max_spread`` after ``retries`` more attempts."""
+        from fxprune.backends import onnxruntime as ort
+
+        sessions = [ort.session(p, self.threads) for p in paths]
+        for s in sessions:
+            s.run(None, inputs)
+        worst = float("inf")
+        for attempt in range(self.retries + 1):
+            rounds = [[0.0] * len(sessions) for _ in range(repeats)]
+            for r in range(repeats):
+                k = r % len(sessions)
+                for i in list(range(k, len(sessions))) + list(range(k)):
+                    rounds[r][i] = _time_runs(sessions[i], inputs, inner)
+            arr = np.asarray(rounds)
+            if len(sessions) == 1:
+                worst = _median_spread(list(arr[:, 0]))[1]
+            else:
+                worst = max(_median_spread(list(arr[:, i] / arr[:, 0]))[1] for i in range(1, len(sessions)))
+            if worst <= self.max_spread:
+                return [float(np.median(arr[:, i])) for i in range(len(sessions))]
+        raise MeasurementError(f"timing {', '.join(os.path.basename(os.fspath(p)) for p in paths)} is too noisy: "
+                               f"relative spread {worst:.2f} of the per-round {'ratios' if len(paths) > 1 else 'medians'}"
+                               f" is above max_spread={self.max_spread} after {self.retries + 1} attempts",
+                               fix=f"measure on a quieter machine (load average now {_loadavg()}), raise repeats, or "
+                                   "accept more noise with max_spread=")
+
+
+def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    """A one-op ONNX model (serialized) for ``spec`` at ``(w_in, w_out)`` and a random input for it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if w_in < 1 or w_out < 1:
+        raise InputError(f"widths must be >= 1, got ({w_in}, {w_out}) for {spec.kind}")
+    f32 = np.float32
+    inits, nodes = [], []
+    if spec.kind == "conv":
+        groups = w_in if spec.depthwise else spec.groups
+        if spec.depthwise:
+            w_out = w_in
+        if w_in % groups or w_out % groups:
+            raise InputError(f"conv widths ({w_in}, {w_out}) are not multiples of groups={groups}")
+        x = rng.standard_normal((spec.batch, w_in, *spec.spatial)).astype(f32)
+        w = (rng.standard_normal((w_out, w_in // groups, *spec.kernel)) * 0.1).astype(f32)
+        inits.append(numpy_helper.from_array(w, "w"))
+        ins = ["x", "w"]
+        if spec.bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(w_out).astype(f32), "b"))
+            ins.append("b")
+        nodes.append(helper.make_node("Conv", ins, ["y"], kernel_shape=list(spec.kernel), strides=list(spec.stride),
+                                      pads=list(spec.padding) * 2, dilations=list(spec.dilation), group=groups))
+    elif spec.kind == "linear":
+        x = rng.standard_normal((spec.batch, *spec.spatial, w_in)).astype(f32)
+        inits.append(numpy_helper.from_array((rng.standard_normal((w_in, w_out)) * 0.1).astype(f32), "w"))
+        if spec.bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(w_out).astype(f32), "b"))
+            nodes += [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+        else:
+            nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"]))
+    else:
+        raise InputError(f"unknown op kind {spec.kind!r}", fix="kind is 'conv' or 'linear'")
+    graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), x
+
+
+def _time_runs(sess: Any, feed: dict[str, np.ndarray], inner: int) -> float:
+    """Median (ms) of ``inner`` individually timed runs (robust to a preemption inside the round)."""
+    ts = []
+    for _ in range(inner):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3
+
+
+def _median_spread(ts: list[float]) -> tuple[float, float]:
+    """Median and relative interquartile range (IQR / median) of timings."""
+    xs = np.asarray(ts, dtype=np.float64)
+    med = float(np.median(xs))
+    q1, q3 = np.percentile(xs, [25, 75])
+    return med, float((q3 - q1) / med) if med > 0 else float("inf")
+
+
+def _loadavg() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def spec_dict(spec: OpSpec) -> dict[str, Any]:
+    return asdict(spec)
+

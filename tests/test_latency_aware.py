@@ -1,0 +1,201 @@
+"""LatencyPrune and its latency tables (issue 17): cache round trip and invalidation, selection against known
+(synthetic) tables, widths that respect coupled groups and divisors, and clear errors for failed or noisy
+measurements."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import BudgetError, InputError, MeasurementError
+from fxprune.passes import Shrink
+from fxprune.passes.latency_prune import (LatencyModel, LatencyPrune, LatOp, Width, extract_ops, group_levels,
+                                          select_widths)
+from fxprune.passes.latency_table import LatencyTable, OpSpec
+
+pytest.importorskip("onnxruntime")
+
+TINY = OpSpec("linear", 1, (), bias=True)
+
+
+def _table(tmp_path, **kw) -> LatencyTable:
+    return LatencyTable("onnxruntime", 1, cache_dir=tmp_path, repeats=3, warmup=1, min_time_ms=0.05,
+                        max_spread=50.0, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def test_cache_round_trip_and_rebuild(tmp_path):
+    t = _table(tmp_path)
+    pts = [(TINY, 8, 8), (TINY, 8, 16), (TINY, 16, 8)]
+    assert t.ensure(pts) == 3
+    assert t.ensure(pts) == 0  # nothing missing: nothing measured
+    assert t.path.exists() and t.path.parent == tmp_path
+    again = _table(tmp_path)
+    assert len(again) == 3
+    for spec, a, b in pts:
+        assert again.lookup(spec, a, b) == t.lookup(spec, a, b) > 0
+    with pytest.raises(KeyError):
+        again.lookup(TINY, 32, 32)
+    fresh = _table(tmp_path, rebuild=True)
+    assert len(fresh) == 0 and fresh.ensure(pts[:1]) == 1
+    assert len(_table(tmp_path)) == 1  # the rebuilt table replaced the file
+
+
+def test_cache_invalidated_by_another_version_or_thread_count(tmp_path):
+    t = _table(tmp_path)
+    t.ensure([(TINY, 8, 8)])
+    data = json.loads(t.path.read_text())
+    data["header"]["version"] = "0.0.1"
+    t.path.write_text(json.dumps(data))
+    stale = _table(tmp_path)
+    assert len(stale) == 0 and "version" in stale.invalidated
+    other = LatencyTable("onnxruntime", 2, cache_dir=tmp_path)
+    assert other.path != t.path  # thread count is part of the file name and of the header
+    t.path.write_text("{not json")
+    assert len(_table(tmp_path)) == 0 and "unreadable" in _table(tmp_path).invalidated
+
+
+# ------------------------------------------------------------------------------------------------ measurement errors
+def test_noisy_measurement_raises_instead_of_a_silent_table(tmp_path):
+    t = LatencyTable("onnxruntime", 1, cache_dir=tmp_path, repeats=5, warmup=0, min_time_ms=0.0,
+                     max_spread=1e-12, retries=1)
+    with pytest.raises(MeasurementError, match="too noisy") as e:
+        t.ensure([(OpSpec("linear", 4, (), bias=True), 64, 64)])
+    assert "max_spread" in str(e.value) and e.value.fix
+    assert len(t) == 0 and not t.path.exists()
+
+
+def test_failed_measurement_names_the_op(tmp_path):
+    bad = OpSpec("conv", 1, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), groups=4)
+    with pytest.raises(MeasurementError, match=r"conv\|b1\|s8x8.*in6\|out8 failed"):
+        _table(tmp_path).ensure([(bad, 6, 8)])  # 6 channels in 4 groups
+
+
+def test_options_are_checked():
+    with pytest.raises(InputError, match="exactly one"):
+        LatencyPrune()
+    with pytest.raises(InputError, match="target_latency"):
+        LatencyPrune(target_latency=1.5)
+    with pytest.raises(InputError, match="backend"):
+        LatencyTable("tensorrt-nope", 2)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _chain(levels: dict[int, list[int]], fn) -> LatencyModel:
+    """Linear ops x -> g0 -> g1 -> g2 -> 10 outputs (input 32 wide), on a synthetic table."""
+    ops, prev = [], Width(32.0)
+    for g in levels:
+        out = Width(0.0, {g: 1.0})
+        ops.append(LatOp(f"fc{g}", OpSpec("linear", 1, (), bias=True), prev, out))
+        prev = out
+    ops.append(LatOp("head", OpSpec("linear", 1, (), bias=True), prev, Width(10.0)))
+    return LatencyModel(ops, LatencyTable.synthetic(fn), levels, grid=4)
+
+
+def _staircase(spec, a, b):
+    """MLAS-like: cost grows with padded widths (multiples of 16), plus a per-op overhead."""
+    pad = lambda w: -(-w // 16) * 16  # noqa: E731
+    return 0.01 + 1e-4 * pad(a) * pad(b)
+
+
+def test_selection_meets_a_synthetic_target_and_is_maximal():
+    levels = {g: list(range(64, 0, -8)) for g in range(3)}
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    rng = np.random.default_rng(0)
+    cum = {g: np.concatenate([[0.0], np.cumsum(np.sort(rng.random(64))[::-1])]) for g in levels}
+    dense = model.total({g: 64 for g in levels})
+    for frac in (0.7, 0.5, 0.3):
+        target = frac * dense
+        counts = select_widths(model, cum, target)
+        total = model.total(counts)
+        assert total <= target + 1e-12
+        assert all(c in levels[g] for g, c in counts.items())
+        for g in levels:  # maximal: no group can take one more level and still fit
+            i = levels[g].index(counts[g])
+            if i > 0:
+                assert model.total({**counts, g: levels[g][i - 1]}) > target
+        # and close to the best reachable: the exhaustive optimum keeps at most a little more importance
+        best = max(sum(cum[g][c[i]] for i, g in enumerate(levels))
+                   for c in itertools.product(*levels.values())
+                   if model.total(dict(zip(levels, c))) <= target)
+        assert sum(cum[g][counts[g]] for g in levels) >= 0.97 * best
+
+
+def test_selection_skips_widths_the_hardware_does_not_reward():
+    levels = {g: list(range(64, 7, -8)) for g in range(3)}  # 64, 56, ..., 8: half of them not multiples of 16
+    model = _chain(levels, _staircase)
+    cum = {g: np.arange(65, dtype=np.float64) for g in levels}  # equal importance per channel
+    dense = model.total({g: 64 for g in levels})
+    counts = select_widths(model, cum, 0.5 * dense)
+    assert model.total(counts) <= 0.5 * dense
+    assert all(c % 16 == 0 for c in counts.values()), counts  # 56/40/24/8 cost as much as 64/48/32/16
+
+
+def test_unreachable_target_is_a_budget_error():
+    levels = {0: [64, 32]}
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    cum = {0: np.arange(65, dtype=np.float64)}
+    with pytest.raises(BudgetError, match="lowest widths"):
+        select_widths(model, cum, 0.01)
+
+
+def test_group_levels_respect_step_divisor_and_floor():
+    lv = group_levels(96, step=8, levels=8, max_ratio=0.75, divisor=3)
+    assert lv[0] == 96 and all(k % 24 == 0 for k in lv) and min(lv) >= 24 and lv == sorted(lv, reverse=True)
+    assert group_levels(6, step=8, levels=8, max_ratio=0.5) == [6, 5, 4, 3]  # small group: unit 1
+    lv = group_levels(512, step=8, levels=6, max_ratio=0.9)
+    assert len(lv) == 6 and lv[0] == 512 and all(k % 8 == 0 for k in lv)
+
+
+# ------------------------------------------------------------------------------------------------ on a model
+def _flops_table(spec, a, b):
+    hw = int(np.prod(spec.spatial)) if spec.spatial else 1
+    k = int(np.prod(spec.kernel)) if spec.kernel else 1
+    per = b if spec.depthwise else a * b // max(spec.groups, 1)
+    return 0.002 + 1e-7 * spec.batch * hw * k * -(-per // 16) * 16
+
+
+def test_on_a_residual_cnn_widths_respect_coupled_groups_and_shrink_verifies():
+    from fxprune import models
+
+    model, x = models.get("resnet50", size="tiny", seed=0, batch=1)
+    p = LatencyPrune(target_latency=0.5, table=LatencyTable.synthetic(_flops_table), measure=False, step=4)
+    out = fxprune.compile(model, x, passes=[p, Shrink()])
+    st = out.report.passes[0]["stats"]
+    assert st["predicted_ratio"] <= 0.5 and st["groups_pruned"] > 0
+    assert out.report.verified is True
+    assert 0 < st["importance_retained"] < 1
+    groups = fxprune.analyze(model, x)
+    for gid, k in st["kept"].items():
+        assert k % 4 == 0 or k == groups[gid].size, (gid, k)
+    # coupled: every parameter of a group shrank to the group's kept count along the group's dim
+    sd = dict(out.module.named_parameters())
+    for gid, k in st["kept"].items():
+        for m in groups[gid].members:
+            if m.param in sd and m.covers == groups[gid].size:
+                assert sd[m.param].shape[m.dim] == k, (m, k)
+
+
+def test_ops_of_a_depthwise_cnn():
+    from fxprune import models
+
+    model, x = models.get("mobilenetv2", size="tiny", seed=0, batch=1)
+    prog_gm = fxprune.trace(model, x, {})
+    from fxprune.program import Program
+
+    program = Program(prog_gm, tuple(x), {}, source=model)
+    cand = {g.id for g in program.groups.prunable()}
+    ops = extract_ops(program, cand)
+    assert any(o.spec.depthwise for o in ops) and any(o.spec.kind == "linear" for o in ops)
+    assert sum(1 for n in prog_gm.graph.nodes if "conv2d" in str(n.target)) == sum(o.spec.kind == "conv" for o in ops)
+    counts = {g.id: g.size for g in program.groups.prunable()}
+    nodes = {n.name: n for n in prog_gm.graph.nodes}
+    for o in ops:  # at full width the modelled widths are the traced shapes
+        shape = nodes[o.node].meta["val"].shape
+        assert o.w_out.at(counts) == shape[1 if o.spec.kind == "conv" else -1]
+        xin = nodes[o.node].args[0].meta["val"].shape
+        assert o.w_in.at(counts) == xin[1 if o.spec.kind == "conv" else -1]
