@@ -175,6 +175,11 @@ class RegionPlan:
     untraceable: dict[str, str] = field(default_factory=dict)
     #: (region call ordinal, output leaf index) of the outputs crossing into eager code: checked end to end
     checked: list[tuple[int, int]] = field(default_factory=list)
+    #: regions run as graphs carved from the shrunk program (their eager code keeps Python-side sizes)
+    graph_regions: list[str] = field(default_factory=list)
+    notes: str = ""
+    #: per region call: (path, input leaves as stitched node names or constants, input spec, output leaves, spec)
+    io: list[tuple[str, list[Any], Any, list[Any], Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"regions": list(self.regions), "calls": dict(self.calls), "eager_outputs": dict(self.eager_outputs),
@@ -301,6 +306,11 @@ def _stitch(model: nn.Module, run: _Run, regions: list[str], graphs: dict[int, f
     for c, gm in body:
         prefix = f"{c.path}." if c.path else ""
         env: dict[fx.Node, Any] = {}
+        in_leaves, in_spec = tree_flatten((tuple(c.args), dict(c.kwargs)))
+        out_leaves_all, out_spec = tree_flatten(c.out)
+        io_in: list[Any] = []
+        io_out: list[Any] = []
+        plan.io.append((c.path, io_in, in_spec, io_out, out_spec))
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for ph, v in zip(phs, env_inputs[c.id]):
             if isinstance(v, tuple) and len(v) == 2 and v[0] == "edge":
@@ -309,6 +319,7 @@ def _stitch(model: nn.Module, run: _Run, regions: list[str], graphs: dict[int, f
                 env[ph] = node
             else:
                 env[ph] = v
+            io_in.append(_Ref(env[ph].name) if isinstance(env[ph], fx.Node) else env[ph])
         out_leaves = [leaf for leaf in tree_flatten(c.out)[0]]
         for n in gm.graph.nodes:
             if n.op == "placeholder":
@@ -325,6 +336,7 @@ def _stitch(model: nn.Module, run: _Run, regions: list[str], graphs: dict[int, f
                     if isinstance(o, fx.Node) and isinstance(leaf, torch.Tensor):
                         produced[id(leaf)] = env[o]
                         producer_of[(c.id, i)] = env[o]
+                    io_out.append(_Ref(env[o].name) if isinstance(o, fx.Node) else o)
                 continue
             if n.op in ("get_attr", "call_module"):
                 full = prefix + str(n.target)
@@ -372,6 +384,71 @@ def _stitch(model: nn.Module, run: _Run, regions: list[str], graphs: dict[int, f
     gm.meta["fxprune_dynamic_batch"] = False
     gm.meta["fxprune_root_class"] = type(model).__name__
     return gm, inputs, plan
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A node of the stitched program, by name."""
+
+    name: str
+
+
+class RegionGraph(nn.Module):
+    """A region run as a graph carved from the shrunk stitched program: takes the region's own (args, kwargs),
+    returns its own output structure. Used where the region's eager code keeps Python-side channel counts (e.g. a
+    ``split((self.c, self.c))``) that region pruning cannot update; shapes are those of the example."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[Any], in_spec: Any, outputs: list[Any], out_spec: Any,
+                 cls: str):
+        super().__init__()
+        self.gm = gm
+        self._inputs, self._in_spec, self._outputs, self._out_spec = inputs, in_spec, outputs, out_spec
+        self.original_class = cls
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils._pytree import tree_unflatten
+        leaves = tree_flatten((args, kwargs))[0]
+        flat = [v for v, ref in zip(leaves, self._inputs) if isinstance(ref, _Ref)]
+        got = iter(self.gm(*flat))
+        return tree_unflatten([next(got) if isinstance(ref, _Ref) else ref for ref in self._outputs],
+                              self._out_spec)
+
+
+def _carve(gm: fx.GraphModule, io: tuple[str, list[Any], Any, list[Any], Any], cls: str) -> RegionGraph:
+    """The part of the shrunk stitched ``gm`` computing one region call's outputs from its inputs."""
+    path, ins, in_spec, outs, out_spec = io
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    seen_inputs: dict[str, fx.Node] = {}
+    for k, ref in enumerate(ins):
+        if isinstance(ref, _Ref):
+            ph = graph.placeholder(f"in_{k}")
+            src = nodes[ref.name]
+            ph.meta = dict(src.meta)
+            if ref.name in seen_inputs:  # the same tensor passed twice: one placeholder each, same value
+                env.setdefault(src, ph)
+            else:
+                env[src] = ph
+                seen_inputs[ref.name] = ph
+    need: list[fx.Node] = []
+    stack = [nodes[r.name] for r in outs if isinstance(r, _Ref)]
+    mark: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in env or n in mark:
+            continue
+        if n.op == "placeholder":
+            raise VerificationError(f"region {path!r}: its graph reads {n.name}, which is not one of its inputs",
+                                    fix="report this model to fxprune")
+        mark.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    for n in gm.graph.nodes:
+        if n in mark:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[nodes[r.name]] for r in outs if isinstance(r, _Ref)))
+    sub = fx.GraphModule(gm, graph, class_name=f"Region_{path.replace('.', '_')}")
+    return RegionGraph(sub, list(ins), in_spec, list(outs), out_spec, cls)
 
 
 def _get(mod: nn.Module, target: str) -> Any:
@@ -471,11 +548,37 @@ def _close(ref: list[torch.Tensor], got: list[torch.Tensor], rtol: float) -> tup
     return True, worst, ""
 
 
+def _runs_like(masked: nn.Module, pruned: nn.Module, plan: "RegionPlan", args: tuple, kwargs: dict, rtol: float
+               ) -> tuple[bool, str]:
+    """Whether the eagerly written-back model runs and matches the masked one on the example inputs."""
+    try:
+        r = verify_end_to_end(masked, pruned, plan, args, kwargs, seed=None, rtol=rtol)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's code on pruned sizes
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return bool(r["regions_ok"] and r["outputs_ok"]), r["why"]
+
+
+def _graph_regions(pruned: nn.Module, gm: fx.GraphModule, plan: "RegionPlan") -> nn.Module:
+    """Replace every region called once by its graph carved from the shrunk program (in place on ``pruned``)."""
+    counts: dict[str, int] = {}
+    for path, *_ in plan.io:
+        counts[path] = counts.get(path, 0) + 1
+    for io in plan.io:
+        path = io[0]
+        if counts[path] != 1:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        owner = pruned.get_submodule(parent) if parent else pruned
+        setattr(owner, leaf, _carve(gm, io, type(owner.get_submodule(leaf)).__name__))
+        plan.graph_regions.append(path)
+    return pruned
+
+
 def verify_end_to_end(masked: nn.Module, pruned: nn.Module, plan: "RegionPlan", args: tuple, kwargs: dict, *,
-                      seed: int, rtol: float) -> dict[str, Any]:
-    """Pruned vs masked model on fresh inputs: the region outputs that cross into eager code (raw head outputs;
+                      seed: int | None, rtol: float) -> dict[str, Any]:
+    """Pruned vs masked model on fresh inputs (``seed=None``: the example inputs): the region outputs that cross into eager code (raw head outputs;
     those between regions are pruned) and the model's final outputs."""
-    a, k = random_like(args, kwargs, seed)
+    a, k = (args, kwargs) if seed is None else random_like(args, kwargs, seed)
     ref_r, ref_o = _hooked(masked, plan.regions, a, k)
     got_r, got_o = _hooked(pruned, plan.regions, a, k)
 
@@ -571,6 +674,12 @@ def compile_regions(model: nn.Module, example_inputs: Any, passes: Iterable[Pass
     pruned = _write_back(model, tensors, keep, facts)
     masked = _write_back(model, tensors, keep, facts, zero_fill=True)
     e2e: dict[str, Any] = {}
+    eager_ok, why = _runs_like(masked, pruned, plan, args, kwargs, e2e_rtol)
+    if not eager_ok:  # the regions' Python code keeps sizes pruning changed: run them as carved graphs
+        log.warning("%s: the pruned regions do not run eagerly (%s); running them as graphs", type(model).__name__,
+                    why)
+        pruned = _graph_regions(pruned, final.gm, plan)
+        plan.notes = why
     if verify:
         e2e = verify_end_to_end(masked, pruned, plan, args, kwargs, seed=seed + 1, rtol=e2e_rtol)
         if not (e2e["regions_ok"] and e2e["outputs_ok"]):
