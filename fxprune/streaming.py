@@ -29,6 +29,7 @@ config expresses (``ChannelPrune(scope="uniform")``), ``config.json`` is written
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -625,7 +626,13 @@ def _run(graph: fx.Graph, weights: dict[str, torch.Tensor], inputs: list[torch.T
             mod = getattr(mod, p)
         mod.register_buffer(attr, w, persistent=False)
     gm = fx.GraphModule(root, copy.deepcopy(graph))
-    return tuple(gm(*inputs))
+    try:
+        return tuple(gm(*inputs))
+    finally:  # a GraphModule sits in a reference cycle (graph <-> owning module): free its weights now, not at gc
+        for m in list(gm.modules()) + list(root.modules()):
+            m._buffers.clear()
+        del gm, root
+        gc.collect()
 
 
 # ------------------------------------------------------------------------------------------------ front door
