@@ -183,7 +183,8 @@ class RegionPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"regions": list(self.regions), "calls": dict(self.calls), "eager_outputs": dict(self.eager_outputs),
-                "eager_inputs": dict(self.eager_inputs), "untraceable": dict(self.untraceable)}
+                "eager_inputs": dict(self.eager_inputs), "untraceable": dict(self.untraceable),
+                "graph_regions": list(self.graph_regions), "notes": self.notes}
 
 
 def _trace_call(c: _Call) -> fx.GraphModule:
@@ -712,6 +713,7 @@ def replay_regions(model: nn.Module, pruned: Any, *, inplace: bool = False, chec
                    rtol: float = 1e-4) -> nn.Module:
     """The pruned ``model`` from a :class:`RegionCompiled` or a folder a region save wrote (its
     :data:`REGIONS_FILE`); ``check`` reproduces the saved outputs on the saved example inputs."""
+    graph_regions = pruned.plan.graph_regions if isinstance(pruned, RegionCompiled) and pruned.plan else None
     if isinstance(pruned, RegionCompiled):
         tensors = named_tensors(pruned.module)
         keep = {n: list(v) for n, v in _kept(pruned.program).items()}
@@ -724,7 +726,13 @@ def replay_regions(model: nn.Module, pruned: Any, *, inplace: bool = False, chec
             raise LoadError(f"{pruned} holds no {REGIONS_FILE}", fix="save a region pruning with out.save(folder)")
         d = torch.load(path, weights_only=True)
         tensors, keep, facts, cls = d["weights"], d["keep"], d["facts"], d["model_class"]
+        graph_regions = d["plan"].get("graph_regions")
         args, kwargs, ref = d["args"], d["kwargs"], d["outputs"]
+    if graph_regions:
+        raise LoadError(f"regions {graph_regions} of this pruning run as graphs (their Python code keeps channel "
+                        f"counts pruning changed), so the pruning cannot be replayed into {cls}'s own modules",
+                        fix="keep the pruned model itself: torch.save(out.module, path) / "
+                            "torch.load(path, weights_only=False)")
     if type(model).__name__ != cls:
         raise LoadError(f"the region pruning was made from a {cls}, got a {type(model).__name__}",
                         fix=f"pass a fresh instance of {cls} built with the same configuration")

@@ -216,6 +216,12 @@ def replay(model: nn.Module, pruned: Any, *, weights: str = "saved", inplace: bo
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"replay needs an nn.Module instance, got {type(model).__name__}")
+    from .regions import REGIONS_FILE, RegionCompiled, replay_regions
+    if isinstance(pruned, RegionCompiled) or (isinstance(pruned, (str, os.PathLike))
+                                              and os.path.isfile(os.path.join(pruned, REGIONS_FILE))):
+        if weights != "saved":
+            raise InputError("a region pruning replays its saved weights only", fix="leave weights='saved'")
+        return replay_regions(model, pruned, inplace=inplace, check=check, rtol=rtol)  # fxprune.regions
     if weights not in ("saved", "model"):
         raise InputError(f"weights must be 'saved' or 'model', got {weights!r}")
     if hasattr(pruned, "module") and hasattr(pruned, "program") and hasattr(pruned, "report"):
