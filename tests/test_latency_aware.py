@@ -199,3 +199,20 @@ def test_ops_of_a_depthwise_cnn():
         assert o.w_out.at(counts) == shape[1 if o.spec.kind == "conv" else -1]
         xin = nodes[o.node].args[0].meta["val"].shape
         assert o.w_in.at(counts) == xin[1 if o.spec.kind == "conv" else -1]
+
+
+@pytest.mark.slow
+def test_a_measured_target_miss_is_an_error_not_a_silent_result():
+    """End to end (ONNX export + interleaved timing): an impossible tolerance after one round raises BudgetError
+    with the measured and predicted ratios; strict=False keeps the selection and reports the miss."""
+    from fxprune import models
+
+    model, x = models.get("resnet50", size="tiny", seed=0, batch=1)
+    kw = dict(target_latency=0.8, table=LatencyTable.synthetic(_flops_table), step=4, calibrate=1,
+              tolerance=1e-9, max_spread=10.0, repeats_e2e=5)
+    with pytest.raises(BudgetError, match=r"misses the target 0\.800 by .*predicted"):
+        fxprune.compile(model, x, passes=[LatencyPrune(**kw)])
+    out = fxprune.compile(model, x, passes=[LatencyPrune(**kw, strict=False), Shrink()])
+    st = out.report.passes[0]["stats"]
+    assert st["target_miss"] > 0 and st["measured_ratio"] > 0 and len(st["rounds"]) == 1
+    assert st["measured_ms"] > 0 and st["predicted_ms"] > 0
