@@ -49,6 +49,7 @@ CORE = frozenset({
     "fxprune.groups", "fxprune.masking", "fxprune.pass_manager", "fxprune.program", "fxprune.records",
     "fxprune.report", "fxprune.seeding", "fxprune.shape_prop", "fxprune.spaces", "fxprune.trace",
     "fxprune.verify", "fxprune.utils", "fxprune.options", "fxprune.version", "fxprune.module", "fxprune.log",
+    "fxprune.calibration",
 })
 CORE_PACKAGES = ("fxprune.rules",)
 
