@@ -385,7 +385,8 @@ class LatencyPrune(Pass):
     ``LatencyTable.synthetic(fn)``); otherwise the cached one for this host/backend/version/threads
     (``cache_dir``, ``rebuild=True`` to measure it again; ``repeats``, ``max_spread``: rounds per point and the
     largest relative interquartile range accepted, else MeasurementError). ``repeats_e2e``: interleaved rounds
-    of the end-to-end measurement.
+    of the end-to-end measurement. ``dense_onnx``: an ONNX file of the dense model at the example inputs'
+    shape, already exported (skips the dense export; it must be the same model, which is not checked).
     """
 
     name = "latency_prune"
@@ -396,7 +397,7 @@ class LatencyPrune(Pass):
                  ignore: str | Iterable[Any] = (), max_ratio: float = 0.9, norms: str = "freeze", step: int = 8,
                  levels: int = 8, grid: int = 6, measure: bool = True, calibrate: int = 3, tolerance: float = 0.05,
                  strict: bool = True, table: Any = None, cache_dir: str | None = None, rebuild: bool = False,
-                 repeats: int = 7, max_spread: float = 0.5, repeats_e2e: int = 15):
+                 repeats: int = 7, max_spread: float = 0.5, repeats_e2e: int = 15, dense_onnx: str | None = None):
         if (target_latency is None) == (target_ms is None):
             raise InputError("give exactly one of target_latency= (fraction of dense) or target_ms=",
                              fix="e.g. LatencyPrune(target_latency=0.5)")
@@ -426,6 +427,9 @@ class LatencyPrune(Pass):
         self.measure, self.calibrate, self.tolerance, self.strict = measure, calibrate, tolerance, strict
         self.table, self.cache_dir, self.rebuild = table, cache_dir, rebuild
         self.repeats, self.max_spread, self.repeats_e2e = repeats, max_spread, repeats_e2e
+        if dense_onnx is not None and not os.path.exists(dense_onnx):
+            raise InputError(f"dense_onnx {dense_onnx!r} does not exist", fix="export the dense model first")
+        self.dense_onnx = dense_onnx
 
     def _table(self) -> LatencyTable:
         if self.table is not None:
@@ -505,8 +509,9 @@ class LatencyPrune(Pass):
         table = model.table if model.table.fn is None else LatencyTable(
             self.backend, self.threads, persist=False, repeats=self.repeats, max_spread=self.max_spread)
         with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
-            dense_path = Path(tmp) / "dense.onnx"
-            _export(program.gm, program.args, dense_path)
+            dense_path = Path(self.dense_onnx) if self.dense_onnx else Path(tmp) / "dense.onnx"
+            if not self.dense_onnx:
+                _export(program.gm, program.args, dense_path)
             inputs = _feed(dense_path, program.args)
             dense_ms = table.time_model(dense_path, inputs, repeats=self.repeats_e2e)
             target = self.target_latency if self.target_latency is not None else self.target_ms / dense_ms
