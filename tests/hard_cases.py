@@ -328,6 +328,35 @@ class RegisterTokensSDPA(nn.Module):
         return self.head(x[:, self.regs:].mean(1))
 
 
+class HaloUnfold(nn.Module):
+    """timm HaloAttention's windows: a 1x1 kv conv, zero padding by the halo, ``unfold`` over H then W into
+    overlapping windows, heads folded into the batch by a reshape, k/v split per head, softmax over the window.
+    ``unfold`` had no rule (every channel through it froze; timm halonet/sehalonet/lamhalobotnet); now the window
+    dims freeze and channels (per-head dims, heads) pass through."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, dqk: int = 4, dv: int = 6, block: int = 4, halo: int = 1):
+        super().__init__()
+        self.h, self.dqk, self.dv, self.bs, self.halo = heads, dqk, dv, block, halo
+        self.stem = cbr(3, dim)
+        self.q = nn.Conv2d(dim, heads * dqk, 1, bias=False)
+        self.kv = nn.Conv2d(dim, heads * (dqk + dv), 1, bias=False)
+        self.out = nn.Conv2d(heads * dv, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, _, H, W = x.shape
+        nh, nw, bs, win = H // self.bs, W // self.bs, self.bs, self.bs + 2 * self.halo
+        q = self.q(x).reshape(-1, self.dqk, nh, bs, nw, bs).permute(0, 1, 3, 5, 2, 4)
+        q = q.reshape(B * self.h, self.dqk, -1, nh * nw).transpose(1, 3)  # (B*h, blocks, bs*bs, dqk)
+        kv = F.pad(self.kv(x), [self.halo] * 4)
+        kv = kv.unfold(2, win, bs).unfold(3, win, bs).reshape(B * self.h, self.dqk + self.dv, nh * nw, -1)
+        k, v = torch.split(kv.permute(0, 2, 3, 1), [self.dqk, self.dv], dim=-1)
+        attn = ((q @ k.transpose(-1, -2)) * self.dqk ** -0.5).softmax(dim=-1)
+        y = (attn @ v).transpose(1, 3)  # (B*h, dv, bs*bs, blocks)
+        y = y.reshape(-1, self.dv, bs, bs, nh, nw).permute(0, 1, 4, 2, 5, 3).reshape(B, self.h * self.dv, H, W)
+        return self.out(y)
+
+
 CASES = {
     "residual_chain": (ResidualChain, lambda: (torch.randn(2, 3, 16, 16),)),
     "concat_of_concats": (ConcatOfConcats, lambda: (torch.randn(2, 3, 16, 16),)),
@@ -350,6 +379,7 @@ CASES = {
     "spatial_as_channels_1x1": (SpatialAsChannels, lambda: (torch.randn(2, 8, 10),)),
     "spatial_as_channels_k3": (lambda: SpatialAsChannels(k=3), lambda: (torch.randn(2, 8, 10),)),
     "register_tokens_sdpa": (RegisterTokensSDPA, lambda: (torch.randn(2, 6, 12),)),
+    "halo_unfold": (HaloUnfold, lambda: (torch.randn(2, 3, 8, 8),)),
 }
 
 

@@ -84,3 +84,13 @@ def test_register_token_positions_are_frozen_by_sdpa():
     gs = fxprune.analyze(model, inputs)
     (g,) = [g for g in gs.groups if any(m.param == "reg_token" and m.dim == 1 for m in g.members)]
     assert g.frozen is not None and "key sequence" in g.frozen and "scaled_dot_product_attention" in g.frozen, g
+
+
+def test_unfold_passes_channels_and_freezes_windows():
+    """unfold has a rule: the kv channels (heads x (dqk + dv)) reaching it stay prunable; the unfolded dims freeze
+    naming the unfold node."""
+    model, inputs = build("halo_unfold")
+    gs = fxprune.analyze(model, inputs)
+    kv = [g for g in gs.groups if any(m.param == "kv.weight" and m.dim == 0 for m in g.members)]
+    assert kv and any(g.frozen is None and g.size > 1 for g in kv), kv
+    assert not [g for g in gs.groups if g.frozen and "no rule" in g.frozen], gs

@@ -1,13 +1,13 @@
 """Ops whose output length along a dim is a function of the input length (pooling, upsampling, reflection and
-replication padding, grid sampling): those dims are frozen, channels pass through. Constant padding freezes the
-padded dims. Pixel (un)shuffle and channel shuffle factor channels into products.
+replication padding, grid sampling, sliding windows with ``Tensor.unfold``): those dims are frozen, channels pass
+through. Constant padding freezes the padded dims. Pixel (un)shuffle and channel shuffle factor channels into products.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
 from .context import RuleContext
-from .registry import _freeze_quiet, aten, rule
+from .registry import _arg, _freeze_quiet, _nd, aten, rule
 
 
 @rule(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
@@ -77,3 +77,18 @@ def _channel_shuffle(A: RuleContext, node: fx.Node) -> None:
     out = list(s)
     out[1] = A.t.product([ks, gs], node.name)
     A.set(node, out)
+
+
+@rule(aten.unfold)
+def _unfold(A: RuleContext, node: fx.Node) -> None:
+    """``x.unfold(d, size, step)``: dim ``d`` becomes the window count and a trailing dim of ``size`` is appended;
+    both depend on ``d``'s length, which is frozen. Every other dim keeps its positions (timm HaloAttention's kv
+    windows: its channels pass through)."""
+    x = node.args[0]
+    s = list(A.sp(x))
+    d = _nd(_arg(node, 1, "dimension", 0), len(s))
+    shp = A.shape(node)
+    _freeze_quiet(A, [s[d]], node, "spatial dim (output size depends on it)")
+    out = list(s)
+    out[d] = A.t.new(shp[d], f"{node.name}.windows", "spatial dim")
+    A.set(node, out + [A.t.new(shp[-1], f"{node.name}.window", "spatial dim")])
