@@ -437,13 +437,13 @@ def _block_of(name: str) -> str | None:
 
 def _segments(gm: fx.GraphModule, blocks: set[str]) -> dict[str, list[str]]:
     """Node names per segment: the direct child module of a block that ran the node (``model.layers.3.mlp``), the
-    block itself for its own glue ops, ``""`` for nodes outside every block."""
+    block itself for its own glue ops; outside the blocks the innermost module (``lm_head``), ``""`` for none."""
     out: dict[str, list[str]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         paths = [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
-        key = ""
+        key = paths[-1] if paths and paths[-1] else ""
         for p in paths:
             b = _block_of(p + ".")
             if b in blocks:
@@ -473,13 +473,33 @@ def _subgraph(gm: fx.GraphModule, names: set[str]) -> tuple[fx.Graph, list[str],
                 env[a.name] = g.get_attr(a.target)
                 targets.append(a.target)
             else:
-                env[a.name] = g.placeholder(a.name)
+                env[a.name] = g.placeholder(f"in_{len(inputs)}")  # node names may clash with op argument names
                 inputs.append(a.name)
-        env[n.name] = g.node_copy(n, lambda x: env[x.name])
+        new = env[n.name] = g.node_copy(n, lambda x: env[x.name])
+        # the graph was traced on meta: device arguments (aten.to, _assert_tensor_metadata) now mean the CPU
+        new.args, new.kwargs = fx.node.map_aggregate((new.args, new.kwargs), _cpu_device)
         if any(u.name not in names for u in n.users):
             outputs.append(n.name)
     g.output(tuple(env[o] for o in outputs))
     return g, inputs, targets, outputs
+
+
+def _with_new_nodes(gm: fx.GraphModule, old: dict[str, fx.Node], names: set[str]) -> set[str]:
+    """``names`` plus the nodes Shrink's rewrites added next to them (e.g. a pinned norm statistic)."""
+    names = set(names)
+    grew = True
+    while grew:
+        grew = False
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.name not in old and n.name not in names and (
+                    any(a.name in names for a in n.all_input_nodes) or any(u.name in names for u in n.users)):
+                names.add(n.name)
+                grew = True
+    return names
+
+
+def _cpu_device(x: Any) -> Any:
+    return torch.device("cpu") if isinstance(x, torch.device) and x.type == "meta" else x
 
 
 def _hint_shape(v: Any) -> tuple[int, ...]:
@@ -499,14 +519,29 @@ def _slice_kept(x: torch.Tensor, keep: list[np.ndarray | None] | None) -> torch.
     return x
 
 
+def _kept_from_source(reader: CheckpointReader, key: str, keep: tuple[np.ndarray | None, ...] | None
+                      ) -> torch.Tensor:
+    """The kept slices of checkpoint tensor ``key``, computed from the input (the unfolded shrunk weight)."""
+    x = reader.read(key)
+    for d, k in enumerate(keep or ()):
+        if k is not None:
+            x = x.index_select(d, torch.from_numpy(np.array(k)))
+    return x
+
+
 def verify_layerwise(plan: StreamPlan, reader: CheckpointReader, written: CheckpointReader, *, seed: int = 0,
-                     rtol: float = 1e-4) -> dict[str, Any]:
+                     rtol: float = 1e-4, scales: dict[str, float] | None = None) -> dict[str, Any]:
     """Check the written checkpoint without loading the model (module docstring, step 4).
+
+    ``scales``: norm weights written multiplied by a factor (exact norms folded for a stock config, by canonical
+    name): the segments run on their unfolded kept slices, and the written tensors must equal
+    ``(kept.float() * factor).to(dtype)`` bit for bit.
 
     Returns ``{"segments": [...], "untouched_tensors": n, "untouched_bytes": b}``; raises
     :class:`~fxprune.errors.VerificationError` naming the segment and the written files on the first mismatch."""
     from .verify import node_keep
 
+    scales = scales or {}
     sel = plan.selected
     gs = sel.groups
     roles = gs.analysis.param_roles
@@ -527,7 +562,10 @@ def verify_layerwise(plan: StreamPlan, reader: CheckpointReader, written: Checkp
         if missing:
             rows.append({"segment": seg or "<outside blocks>", "skipped": f"tensors not in the checkpoint: {missing}"})
             continue
-        g1 = _subgraph(gm1, set(names))[0]
+        g1, inputs1, _, outputs1 = _subgraph(gm1, _with_new_nodes(gm1, nodes0, set(names)))
+        if inputs1 != inputs or outputs1 != outputs:
+            raise VerificationError(f"segment {seg or '<outside blocks>'!r} has other inputs/outputs after Shrink "
+                                    f"({inputs1}/{outputs1} vs {inputs}/{outputs})", fix="report this model")
         gen = torch.Generator().manual_seed(seed + len(rows))
         xin0, xin1 = [], []
         for name in inputs:
@@ -564,7 +602,8 @@ def verify_layerwise(plan: StreamPlan, reader: CheckpointReader, written: Checkp
                         weights0[t] = weights0[t].index_fill(d, torch.from_numpy(rm), 0.0)
             masked = _run(g0, weights0, xin0)
             del weights0
-            weights1 = {t: written.read(plan.names[c]).to(nodes0_dtype(gm0, t)) for t, c in zip(targets, canon)}
+            weights1 = {t: (written.read(plan.names[c]) if c not in scales else _kept_from_source(
+                reader, plan.names[c], plan.kept.get(c))).to(nodes0_dtype(gm0, t)) for t, c in zip(targets, canon)}
             shrunk = _run(g1, weights1, xin1)
             del weights1
         diff = scale = moved = 0.0
@@ -590,20 +629,31 @@ def verify_layerwise(plan: StreamPlan, reader: CheckpointReader, written: Checkp
                 f"kept outputs of scale {scale:.3g} (rtol {rtol:g}); its tensors are in {files}",
                 fix="the written weights of this segment are not the kept slices of the input: re-run "
                     "prune_checkpoint (a corrupted or modified shard)")
+    for c, factor in scales.items():
+        key = plan.names[c]
+        want = (_kept_from_source(reader, key, plan.kept.get(c)).float() * factor).to(reader.infos[key].dtype)
+        got = written.read(key)
+        if got.shape != want.shape or not torch.equal(_bytes(got), _bytes(want)):
+            raise VerificationError(f"folded norm weight {key!r} in {str(written.infos[key].file)!r} is not the kept "
+                                    f"slice times {factor:.6g}", fix="re-run prune_checkpoint")
     untouched = bytes_ = 0
     for key, info in reader.infos.items():
         c = plan.canonical.get(key)
-        if c in pruned:
+        if c in pruned or c in scales:
             continue
         if key not in written:
             raise VerificationError(f"{key!r} is missing from the written checkpoint", fix="re-run prune_checkpoint")
         for (a, x), (_, y) in zip(reader.chunks(key), written.chunks(key)):
-            if x.shape != y.shape or not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+            if x.shape != y.shape or not torch.equal(_bytes(x), _bytes(y)):
                 raise VerificationError(f"untouched tensor {key!r} differs from the input at rows {a}+ in "
                                         f"{str(written.infos[key].file)!r}", fix="re-run prune_checkpoint")
         untouched += 1
         bytes_ += info.nbytes
     return {"segments": rows, "untouched_tensors": untouched, "untouched_bytes": bytes_}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def nodes0_dtype(gm: fx.GraphModule, target: str) -> torch.dtype:
@@ -694,8 +744,8 @@ def _mem_available() -> int:
 
 
 def end_to_end_check(build: Callable[[], nn.Module], example_inputs: Any, passes: list[Pass],
-                     reader: CheckpointReader, written: CheckpointReader, plan: StreamPlan, *, seed: int = 0
-                     ) -> dict[str, Any]:
+                     reader: CheckpointReader, written: CheckpointReader, plan: StreamPlan, *, seed: int = 0,
+                     scales: dict[str, float] | None = None) -> dict[str, Any]:
     """Materialise the model from the checkpoint, compile it in memory with the same passes (verified there), and
     compare every written tensor bitwise with the compiled module's (cast to the checkpoint dtype)."""
     from .compile import compile as compile_
@@ -720,7 +770,8 @@ def end_to_end_check(build: Callable[[], nn.Module], example_inputs: Any, passes
         if ref is None:
             continue
         w = written.read(key)
-        ref = ref.detach().to(w.dtype)
+        factor = (scales or {}).get(plan.canonical.get(key, key))
+        ref = (ref.detach().float() * factor if factor is not None else ref.detach()).to(w.dtype)
         if ref.shape != w.shape or not torch.equal(ref.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)):
             raise VerificationError(f"{key!r} differs from the in-memory compile's tensor "
                                     f"({tuple(w.shape)} vs {tuple(ref.shape)})", fix="report this model")
@@ -741,7 +792,7 @@ def prune_checkpoint(model: Any, checkpoint: str | os.PathLike, passes: Iterable
     ``passes``: selection passes ending with ``Shrink()`` (magnitude, random or callable importance; see the module
     docstring). ``example_inputs``: meta tensors (default for HF LMs: ``input_ids`` of shape 1x16).
     ``verify``: the layer-wise check (module docstring). ``end_to_end``: also compile in memory and compare bitwise
-    (``"auto"``: when a builder or config is given and about 3x the checkpoint fits in available memory).
+    (``"auto"``: when a builder or config is given and about 6x the checkpoint fits in available memory).
     Nothing appears at ``out_dir`` unless everything was written and checked."""
     t0 = time.perf_counter()
     passes = list(passes)
@@ -774,25 +825,22 @@ def prune_checkpoint(model: Any, checkpoint: str | os.PathLike, passes: Iterable
         t2 = time.perf_counter()
         report: dict[str, Any] = {"verified": None}
         if verify:
-            if scales:
-                notes.append("exact norms folded into their weights for the stock config: the layer-wise check "
-                             "skips those norm weights' segments")
-            report = verify_layerwise(plan, reader, written, seed=seed, rtol=rtol) if not scales else report
-            report["verified"] = True if not scales else None
+            report = verify_layerwise(plan, reader, written, seed=seed, rtol=rtol, scales=scales)
+            report["verified"] = True
         timings["verify"] = time.perf_counter() - t2
         e2e = None
-        fits = 3 * sum(i.nbytes for i in reader.infos.values()) < _mem_available()
-        if end_to_end is True or (end_to_end == "auto" and build is not None and fits and not scales):
+        fits = 6 * sum(i.nbytes for i in reader.infos.values()) < _mem_available()  # f32 model + compile copies
+        if end_to_end is True or (end_to_end == "auto" and build is not None and fits):
             if build is None:
                 raise InputError("end_to_end=True needs a config or a builder to materialise the model",
                                  fix="pass the config (or a builder) as the first argument")
             t3 = time.perf_counter()
-            e2e = end_to_end_check(build, _concrete_like(example_inputs), passes, reader, written, plan, seed=seed)
+            e2e = end_to_end_check(build, _concrete_like(example_inputs), passes, reader, written, plan, seed=seed,
+                                   scales=scales)
             timings["end_to_end"] = time.perf_counter() - t3
         elif end_to_end == "auto":
             notes.append("end-to-end check skipped: " + ("no config or builder to materialise the model"
-                                                         if build is None else "the model does not fit in memory"
-                                                         if not fits else "exact norms folded"))
+                                                         if build is None else "the model does not fit in memory"))
         params_before = sum(math.prod(i.shape) for i in reader.infos.values())
         params_after = sum(math.prod(i.shape) for i in written.infos.values())
         info = {"pruned_by": "fxprune.prune_checkpoint", "source": str(reader.path),

@@ -165,3 +165,19 @@ def test_meta_model_needs_meta_weights(ckpt, tmp_path):
     model = T.LlamaForCausalLM(T.LlamaConfig(**CFG))
     with pytest.raises(fxprune.errors.InputError, match="meta device"):
         fxprune.prune_checkpoint(model, ckpt, _passes(), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_exact_norms_fold_into_a_stock_config(ckpt, tmp_path):
+    """norms="exact" prunes the hidden size: the stock config folds sqrt(D/Dk) into the norm weights (as
+    fxprune.hf.save_pretrained); the end-to-end check compares the folded tensors bitwise with the in-memory
+    compile's, every segment (embedding, norms, lm_head included) is verified layer-wise."""
+    passes = [ChannelPrune(ratio=0.25, scope="uniform", norms="exact"), Shrink()]
+    res = fxprune.prune_checkpoint(T.LlamaConfig(**CFG), ckpt, passes, tmp_path / "out", end_to_end=True)
+    assert res.config_written and res.end_to_end["in_memory_verified"]
+    assert res.end_to_end["tensors_compared"] == len(CheckpointReader(ckpt).names())
+    segs = {s["segment"]: s for s in res.verification["segments"]}
+    assert {"model.embed_tokens", "model.norm", "lm_head", "model.layers.1.input_layernorm"} <= set(segs)
+    assert all(s["ok"] for s in segs.values())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["hidden_size"] == 48 and cfg["rms_norm_eps"] == pytest.approx(1e-6 * 64 / 48)
