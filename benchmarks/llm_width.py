@@ -82,9 +82,13 @@ def count(model) -> int:
 
 
 # ================================================================================================ fxprune rows
+def score_path(args) -> Path:
+    return SCORES / f"smollm2_activation_calib{args.calib_windows}.npz"
+
+
 def activation_scores(args) -> dict[int, np.ndarray]:
     """Activation importance of every group, computed once over the calibration windows and cached on disk."""
-    path = SCORES / f"smollm2_activation_calib{args.calib_windows}.npz"
+    path = score_path(args)
     if path.exists():
         z = np.load(path)
         return {int(k): z[k] for k in z.files}
@@ -98,7 +102,9 @@ def activation_scores(args) -> dict[int, np.ndarray]:
     rec = c.program.records_of(ImportanceRecord)[0]
     print(f"activation importance over {args.calib_windows} x 512 tokens: {time.perf_counter() - t:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{str(k): v for k, v in rec.scores.items()})
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{str(k): v for k, v in rec.scores.items()})
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return {int(k): np.asarray(v) for k, v in rec.scores.items()}
 
 
@@ -137,18 +143,56 @@ def row_fxprune(args, key: str, spec: dict) -> dict:
     row = {**spec, "params": count(out.module), "params_frac": round(count(out.module) / dense, 4),
            "compile_s": round(compile_s, 1), "verified": r.verified, "approximate": r.approximate,
            "max_abs_diff": r.max_abs_diff, "norms_pruned": len(r.norms), "widths": widths(out.module)}
-    row.update(ppl(out.module, second, args.windows))
-    if spec.get("recover"):
+    if spec.get("recover"):  # the one-shot perplexity is the base row's (ppl_one_shot)
         row.update(recover(args, out.module, first, second))
+    else:
+        row.update(ppl(out.module, second, args.windows))
     row["peak_rss_mb"] = round(peak_rss_mb())
     return row
 
 
 # ================================================================================================ Torch-Pruning rows
+def _speed_up_tp() -> None:
+    """Torch-Pruning 1.6's ``Group.has_pruning_op`` scans the whole group for every dependency it visits (quadratic
+    in the group size, with a 576-index list comparison per step): collecting SmolLM2's hidden-size group alone took
+    over 25 minutes. Index the group by (target node, handler) instead: the same answer, found without the scan, so
+    the groups and the pruning are unchanged."""
+    from torch_pruning.dependency.group import Group
+
+    if getattr(Group, "_fxprune_indexed", False):
+        return
+    add_dep, has_op = Group.add_dep, Group.has_pruning_op
+
+    def indexed_add_dep(self, dep, idxs):
+        add_dep(self, dep, idxs)
+        d = self.__dict__
+        d.setdefault("_fx_index", {}).setdefault((id(dep.target), dep.handler), []).append(idxs)
+        n = d.get("_fx_n", 0)
+        d["_fx_n"] = None if n is None else n + 1  # None: invalidated, stays so
+
+    def indexed_has_pruning_op(self, dep, idxs):
+        d = self.__dict__
+        if d.get("_fx_n") != len(self._group):  # the list was edited some other way: the original scan
+            return has_op(self, dep, idxs)
+        return any(i == idxs for i in d["_fx_index"].get((id(dep.target), dep.handler), ()))
+
+    def invalidating(fn):  # in-place edits (merging, item assignment) keep the length: drop the index
+        def wrapped(self, *a, **k):
+            out = fn(self, *a, **k)
+            self.__dict__["_fx_n"] = None
+            return out
+        return wrapped
+
+    Group.add_dep, Group.has_pruning_op, Group._fxprune_indexed = indexed_add_dep, indexed_has_pruning_op, True
+    Group.add_and_merge, Group.__setitem__ = invalidating(Group.add_and_merge), invalidating(Group.__setitem__)
+
+
 def tp_prune(ratio: float):
     """Torch-Pruning's examples/LLMs/prune_llm.py recipe on a fresh SmolLM2 (eager attention)."""
     import torch_pruning as tp
     from fxprune.data import smollm2
+
+    _speed_up_tp()
 
     model, _ = smollm2(attn_implementation="eager")
     cfg = model.config
@@ -193,13 +237,13 @@ def row_tp(args, key: str, spec: dict) -> dict:
     want = spec["params_target"]
     t = time.perf_counter()
     # ratio search: params(ratio) is smooth and decreasing; secant steps from the quadratic guess
-    r = 1 - math.sqrt(want / dense)
+    r = spec.get("ratio", 1 - math.sqrt(want / dense))  # a recovered row: the one-shot row's ratio
     tried = []
-    for _ in range(6):
+    for _ in range(1 if "ratio" in spec else 6):
         m = tp_prune(r)
         n = count(m)
         tried.append((round(r, 5), n))
-        if abs(n - want) / dense < 0.003:
+        if abs(n - want) / dense < 0.003 or "ratio" in spec:
             break
         if len(tried) >= 2:
             (r0, n0), (r1, n1) = tried[-2], tried[-1]
@@ -213,9 +257,10 @@ def row_tp(args, key: str, spec: dict) -> dict:
     row = {**spec, "ratio": round(r, 4), "ratio_search": tried, "params": count(m),
            "params_frac": round(count(m) / dense, 4), "compile_s": round(prune_s, 1), "verified": None,
            "widths": w}
-    row.update(ppl(m, second, args.windows))
     if spec.get("recover"):
         row.update(recover(args, m, first, second))
+    else:
+        row.update(ppl(m, second, args.windows))
     row["peak_rss_mb"] = round(peak_rss_mb())
     return row
 
@@ -323,16 +368,14 @@ def minilm_part(args) -> dict:
 
 
 # ================================================================================================ driver
-def specs(args, results: dict) -> list[tuple[str, dict]]:
-    out = [("dense", {"method": "dense"})]
-    for t in args.targets:
-        for importance in ("l2", "activation"):
-            for norms in ("exact", "renormalize"):
-                out.append((f"fxprune/{importance}/{norms}/hidden+mlp/{t}", {
-                    "method": "fxprune", "target": t, "importance": importance, "norms": norms,
-                    "policy": "hidden+mlp"}))
-        out.append((f"fxprune/activation/exact/mlp/{t}", {
-            "method": "fxprune", "target": t, "importance": "activation", "norms": "exact", "policy": "mlp"}))
+def specs_for_target(t: float) -> list[tuple[str, dict]]:
+    out = []
+    for importance in ("l2", "activation"):
+        for norms in ("exact", "renormalize"):
+            out.append((f"fxprune/{importance}/{norms}/hidden+mlp/{t}", {
+                "method": "fxprune", "target": t, "importance": importance, "norms": norms, "policy": "hidden+mlp"}))
+    out.append((f"fxprune/activation/exact/mlp/{t}", {
+        "method": "fxprune", "target": t, "importance": "activation", "norms": "exact", "policy": "mlp"}))
     return out
 
 
@@ -344,11 +387,18 @@ def run_row(args, key: str, spec: dict) -> dict:
            "--recover-lr", str(args.recover_lr), "--threads", str(args.threads)]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
+    log = SCORES / "logs" / (key.replace("/", "_") + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(r.stdout + r.stderr)
+    try:
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1][:500] if r.stderr.strip() else f"exit {r.returncode}")
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - recorded in the table
         print(r.stderr[-4000:], flush=True)
-        return {**spec, "error": r.stderr.strip().splitlines()[-1][:500] if r.stderr.strip() else "failed"}
-    row = json.loads(r.stdout.strip().splitlines()[-1])
+        return {**spec, "error": str(e)[:500], "row_wall_s": round(time.perf_counter() - t, 1)}
     row["row_wall_s"] = round(time.perf_counter() - t, 1)
+    row["threads"] = args.threads
     return row
 
 
@@ -359,25 +409,74 @@ def one_row(args, key: str, spec: dict) -> dict:
         row.update(ppl(model, second, args.windows))
         row["peak_rss_mb"] = round(peak_rss_mb())
         return row
+    if spec["method"] == "scores":
+        t = time.perf_counter()
+        activation_scores(args)
+        return {**spec, "calib_tokens": 512 * args.calib_windows, "calib_s": round(time.perf_counter() - t, 1),
+                "peak_rss_mb": round(peak_rss_mb())}
     if spec["method"] == "fxprune":
         return row_fxprune(args, key, spec)
     return row_tp(args, key, spec)
+
+
+def jobs_for(args) -> list[tuple[str, dict]]:
+    """Every SmolLM2 row in priority order (targets in the order given)."""
+    out = [("dense", {"method": "dense"}), ("scores", {"method": "scores"})]
+    for t in args.targets:
+        out += [(k, s) for k, s in specs_for_target(t)]
+        out.append((f"torch-pruning/{t}", {"method": "torch-pruning", "target": t}))
+        if not args.no_recover:
+            out.append((f"recovered/{t}/fxprune", {"method": "recover-pick", "target": t}))
+            out.append((f"torch-pruning/{t}/recovered", {"method": "torch-pruning", "target": t, "recover": True}))
+    return out
+
+
+def ready(args, key: str, spec: dict, rows: dict, busy: set) -> tuple[str, dict] | None:
+    """``(row key, full spec)`` when the row's inputs exist, else None."""
+    done = lambda k: k in rows and k not in busy  # noqa: E731 - finished, with or without an error
+    ok = lambda k: done(k) and "error" not in rows[k]  # noqa: E731
+    m, t = spec["method"], spec.get("target")
+    if m in ("dense", "scores"):
+        return key, spec
+    if m == "fxprune":
+        if spec["importance"] == "activation" and not score_path(args).exists():
+            return None
+        return key, spec
+    one_shot = [k for k, _ in specs_for_target(t)]
+    if m == "torch-pruning" and not spec.get("recover"):
+        refs = [k for k in one_shot if "/exact/hidden+mlp/" in k and ok(k)]  # same widths for any importance
+        return (key, {**spec, "params_target": rows[refs[0]]["params"]}) if refs else None
+    if m == "recover-pick":
+        if not all(done(k) for k in one_shot):
+            return None
+        cands = [(rows[k]["ppl"], k) for k in one_shot if ok(k)]
+        if not cands:
+            return None
+        base = rows[min(cands)[1]]
+        rspec = {x: base[x] for x in ("method", "target", "importance", "norms", "policy")}
+        return min(cands)[1] + "/recovered", {**rspec, "recover": True, "ppl_one_shot": base["ppl"]}
+    base = f"torch-pruning/{t}"  # recovered Torch-Pruning row: its one-shot ratio, pruned once
+    if not ok(base):
+        return None
+    b = rows[base]
+    return key, {**spec, "params_target": b["params_target"], "ratio": b["ratio"], "ppl_one_shot": b["ppl"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("smollm", "minilm", "all"), default="all")
     ap.add_argument("--windows", type=int, default=30)
-    ap.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.2, 0.3])
+    ap.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.1, 0.3])
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--recover-steps", type=int, default=200)
-    ap.add_argument("--recover-batch", type=int, default=4)
-    ap.add_argument("--recover-seq", type=int, default=64)
-    ap.add_argument("--recover-lr", type=float, default=5e-5)
+    ap.add_argument("--recover-batch", type=int, default=2)
+    ap.add_argument("--recover-seq", type=int, default=32)
+    ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument("--no-recover", action="store_true")
     ap.add_argument("--minilm-calib", type=int, default=128)
     ap.add_argument("--minilm-eval", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "llm_width.json"))
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
@@ -390,55 +489,59 @@ def main() -> None:
         return
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    settings = {"windows": args.windows, "window": 512, "calib_windows": args.calib_windows, "norm_scale": NORM_SCALE,
-                "recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
-                "recover_seq": args.recover_seq, "recover_lr": args.recover_lr, "threads": args.threads}
-    if results.get("settings", settings) != settings and not args.force:
-        print(f"settings changed {results.get('settings')} -> {settings}: starting a new table", flush=True)
+    one_shot = {"windows": args.windows, "window": 512, "calib_windows": args.calib_windows, "norm_scale": NORM_SCALE}
+    recov = {"recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
+             "recover_seq": args.recover_seq, "recover_lr": args.recover_lr}
+    old = results.get("settings", {})
+    if {k: old.get(k) for k in one_shot} != one_shot and old and not args.force:
+        print(f"settings changed {old} -> {one_shot}: starting a new table", flush=True)
         results = {}
-    results["settings"] = settings
+    elif {k: old.get(k) for k in recov} != recov and old:
+        print(f"recovery settings changed: dropping the recovered rows", flush=True)
+        results["rows"] = {k: v for k, v in results.get("rows", {}).items() if not v.get("recover")}
+    results["settings"] = {**one_shot, **recov}
     results.setdefault("rows", {})
     results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__,
-                          "note": "shared 2-core machine: wall times include contention from other jobs"}
+                          "note": "shared 2-core machine (other jobs running): wall times include contention"}
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
     if args.part in ("smollm", "all"):
-        todo = specs(args, results)
-        for key, spec in todo:
-            if key in results["rows"] and "error" not in results["rows"][key] and not args.force:
-                continue
-            print(f"== {key}", flush=True)
-            results["rows"][key] = run_row(args, key, spec)
-            print(json.dumps(results["rows"][key]), flush=True)
-            save()
-        for t in args.targets:
-            ref = results["rows"].get(f"fxprune/activation/exact/hidden+mlp/{t}", {})
-            key = f"torch-pruning/{t}"
-            if "params" in ref and (key not in results["rows"] or "error" in results["rows"][key] or args.force):
-                print(f"== {key}", flush=True)
-                results["rows"][key] = run_row(args, key, {"method": "torch-pruning", "target": t,
-                                                           "params_target": ref["params"]})
-                print(json.dumps(results["rows"][key]), flush=True)
-                save()
-        if not args.no_recover:
-            for t in args.targets:
-                cands = [(v["ppl"], k) for k, v in results["rows"].items()
-                         if v.get("method") == "fxprune" and v.get("target") == t and "ppl" in v]
-                picks = ([min(cands)[1]] if cands else []) + [f"torch-pruning/{t}"]
-                for k in picks:
-                    rk = k + "/recovered"
-                    base = results["rows"].get(k)
-                    if base is None or "ppl" not in base or (rk in results["rows"] and "error" not in
-                                                              results["rows"][rk] and not args.force):
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        rows = results["rows"]
+        if args.force:
+            rows.clear()
+        pending = [(k, s) for k, s in jobs_for(args)]
+        pending = [(k, s) for k, s in pending if not (k in rows and "error" not in rows[k])]
+        if score_path(args).exists():
+            pending = [(k, s) for k, s in pending if s["method"] != "scores"]
+        running: dict = {}
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            while pending or running:
+                for item in list(pending):
+                    if len(running) >= max(1, args.jobs):
+                        break
+                    r = ready(args, *item, rows, set(running.values()))
+                    if r is None:
                         continue
-                    spec = {x: base[x] for x in ("method", "target", "importance", "norms", "policy", "params_target")
-                            if x in base}
-                    print(f"== {rk}", flush=True)
-                    results["rows"][rk] = run_row(args, rk, {**spec, "recover": True})
-                    print(json.dumps(results["rows"][rk]), flush=True)
+                    pending.remove(item)
+                    key, spec = r
+                    if key in rows and "error" not in rows[key] and not args.force:
+                        continue  # a recovered row picked and already there
+                    print(f"== {key}", flush=True)
+                    running[pool.submit(run_row, args, key, spec)] = key
+                if not running:
+                    if pending:
+                        print(f"cannot run (inputs missing): {[k for k, _ in pending]}", flush=True)
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for f in done:
+                    key = running.pop(f)
+                    rows[key] = f.result()
+                    print(f"== done {key}: {json.dumps(rows[key])}", flush=True)
                     save()
     if args.part in ("minilm", "all"):
         results["minilm"] = minilm_part(args)
