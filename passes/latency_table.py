@@ -7,8 +7,8 @@ bias). :class:`LatencyTable` holds the measured latency of ``(spec, in width, ou
 * measured with ONNX Runtime on the CPU (``backend="onnxruntime"``, ``threads`` intra-op threads, one inter-op
   thread, sequential execution, all graph optimisations): each point is a one-node ONNX micro-graph (Conv, or
   MatMul + Add), all points of one spec are timed in interleaved rounds (a seeded shuffle per round, so load drift
-  hits every width alike), each round takes the median of enough individually timed runs to last ``min_time_ms``
-  (at most 25); the value is the median over ``repeats`` rounds;
+  hits every width alike), each round takes the fastest of a burst of individually timed runs (3 to 25, enough to
+  last ``min_time_ms``; a preempted run is slower, never faster); the value is the median over ``repeats`` rounds;
 * noise is checked: a point whose relative spread (interquartile range / median over the rounds) is above
   ``max_spread`` is measured again (``retries`` times); if it stays noisy, or a micro-graph fails to run,
   :class:`fxprune.errors.MeasurementError` names the op and the numbers (never a silently wrong table);
@@ -39,7 +39,7 @@ from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
 
 __all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir"]
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: a round is the fastest of its burst of runs (1: their median)
 BACKENDS = ("onnxruntime",)
 
 
@@ -237,7 +237,7 @@ class LatencyTable:
                 raise MeasurementError(f"timing {spec.key(wi, wo)} failed: {type(e).__name__}: {e}",
                                        fix="check the onnxruntime install; exclude this layer with ignore=[...] or "
                                            "rebuild the table with rebuild=True") from e
-            inner = int(min(25, max(1, math.ceil(self.min_time_ms / max(t, 1e-4)))))
+            inner = int(min(25, max(3, math.ceil(self.min_time_ms / max(t, 1e-4)))))
             sessions[(wi, wo)] = (sess, feed, inner)
         out: dict[tuple[int, int], dict[str, float]] = {}
         pending = list(sessions)
@@ -275,13 +275,13 @@ class LatencyTable:
     def time_model(self, path: str | os.PathLike, inputs: dict[str, np.ndarray], *, repeats: int = 9,
                    inner: int = 3) -> float:
         """Median latency (ms) of a whole ONNX model under this table's settings (``repeats`` rounds, each the
-        median of ``inner`` runs); MeasurementError if the rounds spread more than ``max_spread``."""
+        fastest of ``inner`` runs); MeasurementError if the rounds spread more than ``max_spread``."""
         return self.compare_models([path], inputs, repeats=repeats, inner=inner)[0]
 
     def compare_models(self, paths: list[str | os.PathLike], inputs: dict[str, np.ndarray], *, repeats: int = 9,
                        inner: int = 3) -> list[float]:
         """Median latency (ms) of each model, timed in interleaved rounds (the order rotates every round; each
-        round takes the median of ``inner`` runs per model). With two or more models the noise check is on the
+        round takes the fastest of ``inner`` runs per model). With two or more models the noise check is on the
         per-round ratios to the first model (drift that hits both cancels); MeasurementError if their relative
         interquartile range stays above ``max_spread`` after ``retries`` more attempts."""
         from fxprune.backends import onnxruntime as ort
@@ -303,8 +303,9 @@ class LatencyTable:
                 worst = max(_median_spread(list(arr[:, i] / arr[:, 0]))[1] for i in range(1, len(sessions)))
             if worst <= self.max_spread:
                 return [float(np.median(arr[:, i])) for i in range(len(sessions))]
+        what = "ratios to the first model" if len(paths) > 1 else "times"
         raise MeasurementError(f"timing {', '.join(os.path.basename(os.fspath(p)) for p in paths)} is too noisy: "
-                               f"relative spread {worst:.2f} of the per-round {'ratios' if len(paths) > 1 else 'medians'}"
+                               f"relative spread {worst:.2f} of the per-round {what}"
                                f" is above max_spread={self.max_spread} after {self.retries + 1} attempts",
                                fix=f"measure on a quieter machine (load average now {_loadavg()}), raise repeats, or "
                                    "accept more noise with max_spread=")
@@ -352,13 +353,14 @@ def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -
 
 
 def _time_runs(sess: Any, feed: dict[str, np.ndarray], inner: int) -> float:
-    """Median (ms) of ``inner`` individually timed runs (robust to a preemption inside the round)."""
-    ts = []
+    """The fastest (ms) of ``inner`` individually timed runs: a run that was preempted by another process is
+    slower, never faster, so the minimum of a short burst is the least disturbed estimate of the round."""
+    best = float("inf")
     for _ in range(inner):
         t = time.perf_counter()
         sess.run(None, feed)
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def _median_spread(ts: list[float]) -> tuple[float, float]:
