@@ -18,7 +18,12 @@ budget at the least estimated output distortion:
    benchmark; tests/test_block_sparsity asserts Spearman > 0.7 for ``fisher_batch=1``).
 4. Hardware term: ``p_l(a)`` = surviving tiles x input activation size (normalised); the curve is
    ``delta_l + beta * p_l`` with ``beta`` = mean over layers of the max slope of ``delta_l`` / mean max slope of
-   ``p_l`` (``hardware="auto"``), a given float, or 0 (off).
+   ``p_l`` (``hardware="auto"``), a given float, or 0 (off). Sign: ours *falls* as a layer is pruned (the paper's
+   power model: cost of the surviving blocks), so the term rewards pruning layers with large activations. The
+   authors' code (``tools/pruners.py``, ``gen_rd_curves_block_approx``) names the quantity
+   ``num_survived_w_blocks`` but computes it as ``amount * numel / B^2``, which *grows* with the pruned fraction
+   and so penalises pruning exactly those layers; we follow the paper's definition and flag the code's sign as the
+   departure. ``hardware=0`` (no term) sidesteps the question.
 5. Allocation: each layer takes the amount where its curve's slope equals ``lambda`` (the minimiser of
    ``curve(a) - lambda * a``, at most ``max_amount`` = 0.95); ``lambda`` is bisected until the MACs (or
    sparsity) target is met, then single tiles are added in order of least extra distortion until the target is

@@ -97,28 +97,38 @@ def _ranks(a):
 
 
 def test_distortion_estimate_tracks_measured_output_error():
+    """Within each layer (over the amounts) and across layers at a fixed amount (what the allocation compares):
+    pooled over layers and amounts, monotonicity alone would pass. Measured on a tiny ViT, 9 layers: within-layer
+    Spearman >= 0.9 for every layer, across layers 0.77-0.95 per amount (fisher_batch=1)."""
     m, x, loader, xs = _vit(seed=0)
     gm = fxprune.trace(m, x)
     prog = Program(gm, x, {}, source=m)
     bs = BlockSparsity(8, sparsity=0.5, calib=loader, fisher_batch=1, hardware=0)
     curves, _, beta = bs.curves(prog, PassContext())
-    assert beta == 0.0
+    assert beta == 0.0 and len(curves) >= 8
     with torch.no_grad():
         ref = gm(xs)
-    est, meas = [], []
-    for c in curves:
+    amounts = (0.1, 0.3, 0.5, 0.7, 0.9)
+    est, meas = np.zeros((len(curves), len(amounts))), np.zeros((len(curves), len(amounts)))
+    for i, c in enumerate(curves):
         w = get_tensor(gm, c.name)
         orig = w.detach().clone()
-        for a in (0.1, 0.3, 0.5, 0.7, 0.9):
+        for j, a in enumerate(amounts):
             k = min(int(round(a * c.n_tiles)), c.kmax)
             with torch.no_grad():
                 w.copy_(orig * c.mask(k, (8, 8)))
                 y = gm(xs)
                 w.copy_(orig)
-            est.append(c.delta[k])
-            meas.append(float((y - ref).pow(2).mean()))
-    rho = np.corrcoef(_ranks(np.array(est)), _ranks(np.array(meas)))[0, 1]
-    assert rho > 0.7, rho
+            est[i, j] = c.delta[k]
+            meas[i, j] = float((y - ref).pow(2).mean())
+
+    def spearman(a, b):
+        return np.corrcoef(_ranks(a), _ranks(b))[0, 1]
+
+    within = [spearman(est[i], meas[i]) for i in range(len(curves))]
+    assert min(within) >= 0.8, within  # 5 amounts: at most one adjacent swap per layer
+    across = [spearman(est[:, j], meas[:, j]) for j in range(len(amounts))]
+    assert min(across) >= 0.6 and np.mean(across) >= 0.75, across
 
 
 def test_budget_and_input_errors():
