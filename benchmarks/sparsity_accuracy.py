@@ -5,9 +5,13 @@ and a small ViT (our reference ViT: 28x28 grey images repeated to 3 channels, pa
 Then, from the same dense weights and with the same budget of ``--ft-epochs`` epochs for every row:
 
 * ``dense``: the trained model; ``dense+ft``: trained ``--ft-epochs`` more (same budget, no pruning)
-* ``magnitude_90``: ``Unstructured(0.9)`` one-shot, then fine-tuned with the masks enforced
-* ``pdp_90``: ``PDP(0.9)`` soft masks trained for the budget (cubic ramp over the first half), then ``finalize``
+* ``magnitude_90``: ``Unstructured(0.9, scope="global")`` one-shot, then fine-tuned with the masks enforced
+* ``gmp_90``: gradual magnitude pruning with PDP's per-layer targets (one global magnitude sort of the dense
+  weights) and PDP's linear ramp over the first half of the budget: after every optimizer step each layer's
+  smallest-|w| fraction ``r_l * ramp`` is set to zero (Zhu & Gupta style, masks recomputed every step)
+* ``pdp_90``: ``PDP(0.9)`` soft masks (global allocation, linear ramp over the first half), then ``finalize``
 * ``magnitude_2:4``: ``NMSparsity(2, 4)`` one-shot + fine-tune
+* ``gmp_2:4``: gradual N:M magnitude pruning with PDP's N:M ramp (4 -> 3 -> 2 kept of 4)
 * ``pdp_2:4``: ``PDP(structure="nm")`` trained for the budget, then ``finalize``
 * ``lpvit_50macs``: ``BlockSparsity(target_macs=0.5)`` (ViT: 16x16 tiles of the linear layers; CNN: 8x8 tiles,
   convs included) + fine-tune
@@ -16,7 +20,8 @@ The first conv (1 or 3 input channels) has too few input channels for N:M and is
 Every pruned row reports its weight sparsity over the pruned layers and its MACs (``macs``: one forward of the
 2-image example batch, dense MACs minus the MACs of the masked weights; only ``lpvit_50macs`` targets MACs).
 BatchNorm statistics stay frozen during fine-tuning (the same for every row). Accuracy on the full 10k test
-split. JSON in ``benchmarks/results/sparsity_accuracy.json``.
+split. ``--seeds``: the whole pipeline (dense training included) per seed; the summary gives mean +- sd.
+JSON in ``benchmarks/results/sparsity_accuracy.json``.
 
     .venv/bin/python benchmarks/sparsity_accuracy.py                         # ~10 min on 2 shared cores
     .venv/bin/python benchmarks/sparsity_accuracy.py --train-limit 5000 --epochs 1 --ft-epochs 1   # smoke run
@@ -27,6 +32,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -45,7 +51,8 @@ import fxprune.train  # noqa: E402
 from fxprune.models.vit import ViT  # noqa: E402
 from fxprune.passes.block_sparsity import BlockSparsity  # noqa: E402
 from fxprune.passes.nm_sparsity import NMSparsity  # noqa: E402
-from fxprune.passes.pdp import PDP  # noqa: E402
+from fxprune.passes.pdp import PDP, global_allocation, ramp_fraction  # noqa: E402
+from fxprune.passes.unstructured import targets as sparsifiable_targets  # noqa: E402
 from fxprune.passes.sparse_kernels import bake, enforce_masks  # noqa: E402
 from fxprune.passes.unstructured import Unstructured  # noqa: E402
 from fxprune.utils import get_tensor  # noqa: E402
@@ -120,13 +127,35 @@ def macs_after(out, masks, dense_macs) -> int:
     return int(round(dense_macs - removed))
 
 
-def run_model(label, build, data, a) -> list[dict]:
+@torch.no_grad()
+def gmp_masks(gm, infos, structure, ratios, frac) -> dict:
+    """Magnitude masks at ``frac`` of the final per-layer ratios (unstructured) or of the 2:4 ramp (nm)."""
+    masks = {}
+    for name, info in infos.items():
+        w = get_tensor(gm, name)
+        if structure == "nm":
+            keep = 4 - int(round(frac * 2))
+            s = w.abs().movedim(info.reduction_dim, -1)
+            g = s.reshape(*s.shape[:-1], s.shape[-1] // 4, 4)
+            idx = g.topk(keep, dim=-1).indices
+            mk = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+            masks[name] = mk.reshape(s.shape).movedim(-1, info.reduction_dim)
+        else:
+            a = w.abs().reshape(-1)
+            drop = int(round(ratios[name] * frac * a.numel()))
+            mk = torch.ones(a.numel(), dtype=torch.bool)
+            mk[torch.argsort(a, stable=True)[:drop]] = False
+            masks[name] = mk.reshape(w.shape)
+    return masks
+
+
+def run_model(label, build, data, a, seed) -> list[dict]:
     xtr, ytr, xte, yte = data
-    torch.manual_seed(a.seed)
+    torch.manual_seed(seed)
     model = build()
     t0 = time.time()
     model.train()
-    train(model, xtr, ytr, a.epochs, a.lr, a.seed)
+    train(model, xtr, ytr, a.epochs, a.lr, seed)
     model.eval()
     example = (xtr[:2],)
     rows = []
@@ -149,7 +178,7 @@ def run_model(label, build, data, a) -> list[dict]:
     # same budget without pruning
     t = time.time()
     cont = fxprune.compile(model, example, passes=[]).module
-    train(cont, xtr, ytr, a.ft_epochs, a.ft_lr, a.seed + 1)
+    train(cont, xtr, ytr, a.ft_epochs, a.ft_lr, seed + 1)
     rows.append({"model": label, "row": "dense+ft", "acc": accuracy(cont, xte, yte), "macs": dense_macs,
                  "seconds": round(time.time() - t, 1)})
     print(json.dumps(rows[-1]), flush=True)
@@ -160,7 +189,7 @@ def run_model(label, build, data, a) -> list[dict]:
         masks = {k: v.clone() for k, v in out.program.weight_masks.items()}
         acc0 = accuracy(out.module, xte, yte)
         gm = enforce_masks(out.module, masks)
-        train(gm, xtr, ytr, a.ft_epochs, a.ft_lr, a.seed + 1)
+        train(gm, xtr, ytr, a.ft_epochs, a.ft_lr, seed + 1)
         bake(gm)
         held = all(bool((get_tensor(gm, k)[~m] == 0).all()) for k, m in masks.items())
         row = {"model": label, "row": name, "acc_before_ft": acc0, "acc": accuracy(gm, xte, yte),
@@ -174,16 +203,51 @@ def run_model(label, build, data, a) -> list[dict]:
     def pdp_row(name, pdp):
         t = time.time()
         out = fxprune.compile(model, example, passes=[pdp])
-        train(out.module, xtr, ytr, a.ft_epochs, a.ft_lr, a.seed + 1, step_hook=pdp.step)
+        train(out.module, xtr, ytr, a.ft_epochs, a.ft_lr, seed + 1, step_hook=pdp.step)
+        targets_l = {k: round(v, 4) for k, v in pdp.layer_targets.items()}
         fin = pdp.finalize()
         masks = fin.program.weight_masks
         row = {"model": label, "row": name, "acc": accuracy(fin.module, xte, yte), "tau": pdp.tau,
-               "ramp_steps": pdp.ramp, "skipped": out.report.passes[0]["stats"]["skipped"]}
+               "ramp_steps": pdp.ramp, "schedule": pdp.schedule, "allocation": pdp.allocation,
+               "layer_targets": targets_l, "skipped": out.report.passes[0]["stats"]["skipped"]}
         finish(row, fin, masks, t)
 
-    one_shot("magnitude_90", [Unstructured(0.9)])
+    def gmp_row(name, structure, ramp):
+        """Gradual magnitude pruning: the same per-layer targets and ramp as PDP, hard masks every step."""
+        t = time.time()
+        out = fxprune.compile(model, example, passes=[])
+        gm = out.module
+        infos = sparsifiable_targets(out.program, [])
+        if structure == "nm":
+            infos = {k: i for k, i in infos.items() if i.kind != "conv_transpose"
+                     and i.reduction_size >= 4 and i.reduction_size % 4 == 0}
+        ratios = global_allocation({k: get_tensor(gm, k).detach().abs() for k in infos}, 0.9) \
+            if structure != "nm" else {}
+        state = {"step": 0}
+
+        def hook():
+            state["step"] += 1
+            frac = ramp_fraction(state["step"], 0, ramp, "linear")
+            with torch.no_grad():
+                for k, mk in gmp_masks(gm, infos, structure, ratios, frac).items():
+                    get_tensor(gm, k).mul_(mk.to(get_tensor(gm, k).dtype))
+
+        train(gm, xtr, ytr, a.ft_epochs, a.ft_lr, seed + 1, step_hook=hook)
+        masks = gmp_masks(gm, infos, structure, ratios, 1.0)
+        with torch.no_grad():
+            for k, mk in masks.items():
+                get_tensor(gm, k).mul_(mk.to(get_tensor(gm, k).dtype))
+        row = {"model": label, "row": name, "acc": accuracy(gm, xte, yte), "ramp_steps": ramp,
+               "schedule": "linear"}
+        if ratios:
+            row["layer_targets"] = {k: round(v, 4) for k, v in ratios.items()}
+        finish(row, out, masks, t)
+
+    one_shot("magnitude_90", [Unstructured(0.9, scope="global")])
+    gmp_row("gmp_90", "unstructured", ft_steps // 2)
     pdp_row("pdp_90", PDP(0.9, ramp=ft_steps // 2, tau=a.tau))
     one_shot("magnitude_2:4", [NMSparsity(2, 4)])
+    gmp_row("gmp_2:4", "nm", ft_steps // 2)
     pdp_row("pdp_2:4", PDP(structure="nm", ramp=ft_steps // 2, tau=a.tau))
     calib = fxprune.data.loader(xtr[:256], ytr[:256], batch_size=64, shuffle=False)
     blk = dict(block=16) if label == "vit" else dict(block=8, include_conv=True)
@@ -200,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--tau", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", nargs="+", default=["cnn", "vit"])
     ap.add_argument("--out", default=str(RESULTS / "sparsity_accuracy.json"))
@@ -212,28 +276,45 @@ def main(argv: list[str] | None = None) -> dict:
     xte, yte = fxprune.data.fashion_mnist("test")
     builders = {"cnn": SmallCNN, "vit": GreyViT}
     rows = []
-    for name in a.models:
-        rows += run_model(name, builders[name], (xtr, ytr, xte, yte), a)
+    for seed in a.seeds:
+        for name in a.models:
+            for r in run_model(name, builders[name], (xtr, ytr, xte, yte), a, seed):
+                r["seed"] = seed
+                rows.append(r)
+
+    def ms(vals):
+        vals = [float(v) for v in vals]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return {"mean": round(statistics.mean(vals), 4), "sd": round(sd, 4), "n": len(vals)}
+
     summary = {}
     for name in a.models:
-        r = {x["row"]: x for x in rows if x["model"] == name}
+        by = {}
+        for x in rows:
+            if x["model"] == name:
+                by.setdefault(x["row"], {})[x["seed"]] = x
+        acc = {row: ms([v["acc"] for v in d.values()]) for row, d in by.items()}
+
+        def diff(r1, r2):
+            return ms([100 * (by[r1][sd]["acc"] - by[r2][sd]["acc"]) for sd in a.seeds])
+
         summary[name] = {
-            "pdp_beats_magnitude_90": r["pdp_90"]["acc"] > r["magnitude_90"]["acc"],
-            "pdp_beats_magnitude_2:4": r["pdp_2:4"]["acc"] > r["magnitude_2:4"]["acc"],
-            "pdp_90_minus_magnitude_90_points": round(100 * (r["pdp_90"]["acc"] - r["magnitude_90"]["acc"]), 2),
-            "pdp_2:4_minus_magnitude_2:4_points": round(100 * (r["pdp_2:4"]["acc"] - r["magnitude_2:4"]["acc"]), 2),
-            # 2:4 drop (points) of the better 2:4 row, vs the dense model and vs dense trained for the same budget
-            "best_2:4_drop_vs_dense_points": round(100 * (r["dense"]["acc"] - max(r["pdp_2:4"]["acc"],
-                                                                                  r["magnitude_2:4"]["acc"])), 2),
-            "best_2:4_drop_vs_dense_ft_points": round(100 * (r["dense+ft"]["acc"] - max(r["pdp_2:4"]["acc"],
-                                                                                        r["magnitude_2:4"]["acc"])),
-                                                     2),
-            "lpvit_50macs_drop_vs_dense_ft_points": round(100 * (r["dense+ft"]["acc"] - r["lpvit_50macs"]["acc"]), 2),
+            "accuracy": acc,
+            "pdp_90_minus_gmp_90_points": diff("pdp_90", "gmp_90"),
+            "pdp_90_minus_magnitude_90_points": diff("pdp_90", "magnitude_90"),
+            "gmp_90_minus_magnitude_90_points": diff("gmp_90", "magnitude_90"),
+            "pdp_2:4_minus_gmp_2:4_points": diff("pdp_2:4", "gmp_2:4"),
+            "pdp_2:4_minus_magnitude_2:4_points": diff("pdp_2:4", "magnitude_2:4"),
+            "lpvit_50macs_minus_dense_ft_points": diff("lpvit_50macs", "dense+ft"),
+            "pdp_beats_gmp_90_in_seeds": sum(by["pdp_90"][sd]["acc"] > by["gmp_90"][sd]["acc"] for sd in a.seeds),
+            "pdp_beats_gmp_2:4_in_seeds": sum(by["pdp_2:4"][sd]["acc"] > by["gmp_2:4"][sd]["acc"]
+                                              for sd in a.seeds),
         }
     result = {"benchmark": "sparsity_accuracy", "dataset": "Fashion-MNIST", "torch": torch.__version__,
               "threads": a.threads, "cpu": platform.processor() or platform.machine(), "args": vars(a),
               "seconds": round(time.time() - t0, 1), "rows": rows, "summary": summary,
-              "note": "one run (seed above); speed: none of these rows is faster on CPU (see docs/sparsity.md)"}
+              "note": "seeds: the whole pipeline per seed (dense training included); mean +- sample sd; speed: "
+                      "none of these rows is faster on CPU (see docs/sparsity.md)"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))
