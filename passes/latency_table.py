@@ -191,7 +191,7 @@ class LatencyTable:
     # ------------------------------------------------------------------ measurement
     def ensure(self, points: Iterable[tuple[OpSpec, int, int]], *, progress: Callable[[str], None] | None = None
                ) -> int:
-        """Measure every point not in the table yet (grouped by spec, interleaved), then save. Returns how many
+        """Measure every point not in the table yet (grouped by spec, interleaved), saving after each spec. Returns how many
         points were measured. Raises MeasurementError on a failing micro-graph or a spread above ``max_spread``."""
         if self.fn is not None:
             return 0
@@ -209,6 +209,7 @@ class LatencyTable:
                 for (wi, wo), rec in self._measure_spec(spec, widths).items():
                     self.entries[spec.key(wi, wo)] = rec
                     n += 1
+                self.save()  # per op: an interrupted or failed build keeps what it measured
         finally:
             if n:
                 self.measured_now += n
