@@ -44,6 +44,7 @@ SLOW = {
     "docs/training.md": "sparse training, pruning and distillation loops",
     "docs/gating.md": "MACPruning saliency calibration and an FTWT training loop",
     "docs/cli.md": "five commands in subprocesses, ONNX export and latency, six zoo models",
+    "docs/scale.md": "streams three checkpoints, a 2-process torchrun calibration, in-memory compiles",
 }
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
