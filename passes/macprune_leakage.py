@@ -305,8 +305,9 @@ def mitigation_ratio(weights: Any, schedule: MACSchedule, *, target: int, import
                      dense: Sequence[AttackResult] | None = None, **kw: Any) -> dict[str, Any]:
     """``R = median traces(gated) / median traces(dense)`` for one gate (``important``, ``p``) and attacker.
 
-    Returns the ratio (a lower bound ``R >= n_traces / dense`` with ``censored=True`` when a gated attack did
-    not succeed within ``n_traces``), both medians, and the per-repeat results. ``dense``: a precomputed
+    Returns the ratio, both medians, and the per-repeat results. ``censored=True`` whenever *any* gated repeat
+    hit the cap (did not succeed within ``n_traces``): the median then counts those repeats at ``n_traces``, so
+    ``R`` is a lower bound (``uncensored_repeats`` says how many succeeded). ``dense``: a precomputed
     :func:`dense_baseline` (same seeds) to share between calls.
     """
     if dense is None:
@@ -314,13 +315,20 @@ def mitigation_ratio(weights: Any, schedule: MACSchedule, *, target: int, import
                                n_traces=dense_traces or n_traces, **kw)
     gated = [simulate_attack(weights, schedule, target=target, important=important, p=p, seed=seed + 7919 * r,
                              n_traces=n_traces, **kw) for r in range(repeats)]
+    return ratio_of(dense, gated, n_traces)
+
+
+def ratio_of(dense: Sequence[AttackResult], gated: Sequence[AttackResult], n_traces: int) -> dict[str, Any]:
+    """``R`` from finished attacks: median gated traces (repeats at the cap counted as ``n_traces``) over the
+    median dense traces; ``censored`` when any gated repeat hit the cap (``R`` is then a lower bound)."""
     nd, ng = traces_needed(dense), traces_needed(gated)
-    censored = math.isinf(ng["median"])
+    censored = ng["succeeded"] < len(gated)
     if math.isinf(nd["median"]):
         raise InputError("the ungated attack did not succeed within n_traces: the baseline is undefined",
                          fix="lower sigma or raise n_traces")
-    ratio = (n_traces if censored else ng["median"]) / nd["median"]
-    return {"R": ratio, "censored": censored, "dense": nd, "gated": ng,
+    capped = [n_traces if v is None else v for v in ng["all"]]
+    ratio = float(np.median(capped)) / nd["median"]
+    return {"R": ratio, "censored": censored, "uncensored_repeats": ng["succeeded"], "dense": nd, "gated": ng,
             "executed_fraction": float(np.mean([g.mean_executed for g in gated]))}
 
 

@@ -89,6 +89,18 @@ def test_censored_ratio_is_a_lower_bound():
                            timing="compact", dense_traces=2000)
     assert res["censored"] and res["R"] == pytest.approx(300 / res["dense"]["median"])
     assert traces_needed([simulate_attack(w, SCHED, target=4, p=0.05, n_traces=100)])["succeeded"] == 0
+    # censored as soon as one repeat hits the cap, even when the median itself is finite (the old rule flagged
+    # only an infinite median, so R = cap / dense was reported uncensored whenever half the repeats succeeded)
+    from fxprune.passes.macprune_leakage import AttackResult, ratio_of
+
+    def run(n):
+        return AttackResult(n, [300], [1], 5, 5, "compact", "cpa", 0.5, 2.0, 9, 1.0)
+
+    res = ratio_of([run(100)], [run(100), run(None), run(120)], 300)
+    assert res["censored"] and res["uncensored_repeats"] == 2 and res["R"] == pytest.approx(120 / 100)
+    res = ratio_of([run(100)], [run(None), run(None), run(120)], 300)
+    assert res["censored"] and res["R"] == pytest.approx(300 / 100)
+    assert not ratio_of([run(100)], [run(150)] * 3, 300)["censored"]
 
 
 def test_attack_on_a_compiled_model_uses_its_weights_and_gate():
