@@ -477,6 +477,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     _check_flags(args)  # every flag (UsageError, exit 2) before anything slow
     shape, dtype = input_spec(args)
     passes = load_recipe(args.recipe)  # RecipeError (exit 2) before anything slow
+    if getattr(args, "checkpoint", None):
+        return _compile_checkpoint(args, passes)
     progress = _progress(args, _steps(args))
     with _quiet_libraries(args):
         progress.step(f"building {args.model}")
@@ -490,6 +492,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out, result = run_pipeline(args, model, inputs, passes, label, progress, weights=weights)
     _print_result(args, out, result)
     return 0 if out.report.verified in (True, None) else 1
+
+
+def _compile_checkpoint(args: argparse.Namespace, passes: list) -> int:
+    """``compile hf:NAME --checkpoint DIR``: stream-prune the safetensors checkpoint DIR without loading it
+    (:func:`fxprune.streaming.prune_checkpoint`; the config of NAME, with --hf-config overrides, names the
+    architecture) into --out, which must not exist yet. Prints the summary (JSON with --json)."""
+    if not str(args.model).startswith("hf:"):
+        raise UsageError(f"--checkpoint applies to hf: models (their config names the architecture), not "
+                         f"{args.model!r}")
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
+    import transformers as T
+
+    from .streaming import prune_checkpoint
+    from .zoo import parse_overrides
+
+    cfg = T.AutoConfig.from_pretrained(args.model[3:])
+    for k, v in parse_overrides(args.hf_config).items():
+        setattr(cfg, k, v)
+    res = prune_checkpoint(cfg, args.checkpoint, passes, args.out, seed=args.seed)
+    if args.json:
+        print(json.dumps(res.to_dict(), default=str))
+    else:
+        print(f"{res.params_before:,} -> {res.params_after:,} parameters, {len(res.files)} shard(s) in {res.out_dir}"
+              f" ({res.timings['total']:.1f} s); layer-wise check: "
+              f"{'ok' if res.verification.get('verified') else 'not run'}"
+              + (f"; end-to-end: {res.end_to_end['tensors_compared']} tensors bit-identical" if res.end_to_end
+                 else "") + "".join(f"\nnote: {n}" for n in res.notes))
+    return 0
 
 
 # ============================================================================================ pass option docs
@@ -828,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the example inputs: int64 (token ids), float16, bool, ...; one per input: "
                         "int64;int64")
     c.add_argument("--weights", default=None, help="state_dict to load (.pt/.pth via weights_only, .safetensors)")
+    c.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="hf: models: prune this safetensors checkpoint by streaming, without loading it "
+                        "(docs/scale.md); --out must not exist")
     c.add_argument("--size", default="full", choices=["tiny", "full"], help="reference model size (default full)")
     c.add_argument("--hf-config", action="append", default=[], metavar="KEY=VALUE",
                    help="hf: models: override a transformers config field (repeatable)")

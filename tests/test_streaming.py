@@ -181,3 +181,24 @@ def test_exact_norms_fold_into_a_stock_config(ckpt, tmp_path):
     assert all(s["ok"] for s in segs.values())
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["hidden_size"] == 48 and cfg["rms_norm_eps"] == pytest.approx(1e-6 * 64 / 48)
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_flag(ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - pass: ChannelPrune\n    ratio: 0.3\n    scope: uniform\n  - pass: shrink\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "fxprune", "compile", f"hf:{ckpt}", "--recipe", str(recipe),
+                        "--checkpoint", str(ckpt), "--out", str(out), "--json"], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["verification"]["verified"] and summary["params_after"] < summary["params_before"]
+    assert (out / "config.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "fxprune", "compile", "resnet18", "--recipe", str(recipe),
+                        "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 2 and "hf: models" in r.stderr
