@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,7 +20,28 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError, InputError
 
-__all__ = ["benchmark", "export_onnx", "latency_line", "example_inputs", "batched", "batch_size"]
+__all__ = ["benchmark", "BenchmarkResult", "export_onnx", "latency_line", "example_inputs", "batched", "batch_size"]
+
+log = logging.getLogger("fxprune")
+
+
+class BenchmarkResult(dict):
+    """What :func:`benchmark` returns: the dict of measurements (keys as documented there), printable as one line
+    (``print(out.benchmark())`` -> ``onnxruntime, batch 8, 2 threads: dense 12.3 ms, pruned 4.5 ms, ...``)."""
+
+    def __str__(self) -> str:
+        return f"{self['backend']}, batch {self['batch']}, {self['threads']} threads: {latency_line(self)}"
+
+
+def _export_cache(compiled: Any) -> dict:
+    """Per-``Compiled`` record of the ONNX files :func:`benchmark` exported into a temporary folder, so a second
+    call times the same files instead of exporting both models again. The folder is removed with the object."""
+    cache = compiled.__dict__.get("_fxprune_onnx_cache")
+    if cache is None:
+        folder = tempfile.mkdtemp(prefix="fxprune-onnx-")
+        weakref.finalize(compiled, shutil.rmtree, folder, True)
+        cache = compiled.__dict__["_fxprune_onnx_cache"] = {"folder": Path(folder)}
+    return cache
 
 
 def example_inputs(compiled: Any) -> Any:
@@ -53,11 +77,12 @@ def batched(example: Any, batch: int | None) -> Any:
 def benchmark(compiled: Any, *, backend: str = "onnxruntime", batch: int | None = None, threads: int = 2,
               warmup: int = 3, repeats: int = 20, folder: str | os.PathLike | None = None,
               dense: nn.Module | None = None, record: bool = True,
-              onnx_files: tuple[str | os.PathLike, str | os.PathLike] | None = None) -> dict[str, Any]:
+              onnx_files: tuple[str | os.PathLike, str | os.PathLike] | None = None) -> BenchmarkResult:
     """Latency of the dense model (``dense``, default ``compiled.program.source``) vs the pruned one, timed in
     one run (interleaved rounds). ``backend``: ``"onnxruntime"`` (both exported to ONNX in ``folder``, default a
     temporary folder; needs a dynamic-batch export when ``batch`` differs from the example's) or ``"torch"``
-    (eager). Returns ``{"backend", "batch", "threads", "dense_ms", "pruned_ms", "speedup", "ideal_speedup"
+    (eager). Without ``folder`` the ONNX files are exported once per ``compiled`` and re-used by later calls.
+    Returns a printable :class:`BenchmarkResult` dict ``{"backend", "batch", "threads", "dense_ms", "pruned_ms", "speedup", "ideal_speedup"
     (1 / MACs ratio), "dense", "pruned"}`` (the last two: LatencyStats as dicts). Without a dense model only the
     pruned one is timed. ``record``: also put a one-line summary in ``compiled.report.latency``. ``onnx_files``:
     ``(dense.onnx, pruned.onnx)`` already exported (e.g. by the CLI, with its own options): timed as they are."""
@@ -67,28 +92,41 @@ def benchmark(compiled: Any, *, backend: str = "onnxruntime", batch: int | None 
     example = example_inputs(compiled)
     x = batched(example, batch)
     b = batch or batch_size(example)
-    res: dict[str, Any] = {"backend": backend, "batch": b, "threads": threads}
+    res = BenchmarkResult(backend=backend, batch=b, threads=threads)
     if backend == "onnxruntime" and onnx_files is not None:
         c = backends.onnxruntime.compare(*onnx_files, x, warmup=warmup, repeats=repeats, threads=threads)
         res.update(dense=c["dense"].as_dict(), pruned=c["pruned"].as_dict())
     elif backend == "onnxruntime":
         ort = backends.onnxruntime
-        with contextlib.ExitStack() as stack:
-            tmp = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if folder is not None:  # the user's folder: export there (every call; the user may have changed files)
+            tmp, cache = Path(folder), {}
             tmp.mkdir(parents=True, exist_ok=True)
-            pruned_path = tmp / "pruned.onnx"
-            pr = export_onnx(compiled, pruned_path)
-            if batch not in (None, batch_size(example)) and not pr.dynamic_batch:
-                raise ExportError(f"the pruned ONNX file has a static batch; cannot time batch {batch}",
-                                  fix="compile with example inputs of batch >= 2 (dynamic batch), or batch=None")
-            if dense is not None:
-                dense_path = tmp / "dense.onnx"
+        else:  # exported once per Compiled and re-used by later calls
+            cache = _export_cache(compiled)
+            tmp = cache["folder"]
+        pruned_path = tmp / "pruned.onnx"
+        if "pruned" not in cache:
+            log.info("benchmark: exporting the pruned model to ONNX (%s)", pruned_path)
+            cache["pruned"] = export_onnx(compiled, pruned_path)
+        pr = cache["pruned"]
+        if batch not in (None, batch_size(example)) and not pr.dynamic_batch:
+            raise ExportError(f"the pruned ONNX file has a static batch; cannot time batch {batch}",
+                              fix="compile with example inputs of batch >= 2 (dynamic batch), or batch=None")
+        if dense is not None:
+            dense_path = tmp / "dense.onnx"
+            key = ("dense", id(dense))
+            if key not in cache:
+                log.info("benchmark: exporting the dense model to ONNX (%s)", dense_path)
                 backends.onnx.export(dense, example, dense_path)
-                c = ort.compare(dense_path, pruned_path, x, warmup=warmup, repeats=repeats, threads=threads)
-                res.update(dense=c["dense"].as_dict(), pruned=c["pruned"].as_dict())
-            else:
-                res["pruned"] = ort.benchmark(pruned_path, x, warmup=warmup, repeats=repeats,
-                                              threads=threads).as_dict()
+                cache[key] = True
+            log.info("benchmark: timing dense vs pruned in onnxruntime (batch %s, %d threads, %d repeats)",
+                     b, threads, repeats)
+            c = ort.compare(dense_path, pruned_path, x, warmup=warmup, repeats=repeats, threads=threads)
+            res.update(dense=c["dense"].as_dict(), pruned=c["pruned"].as_dict())
+        else:
+            log.info("benchmark: timing the pruned model in onnxruntime (batch %s, %d threads)", b, threads)
+            res["pruned"] = ort.benchmark(pruned_path, x, warmup=warmup, repeats=repeats,
+                                          threads=threads).as_dict()
     elif backend == "torch":
         tb = backends.torch
         if dense is not None:
