@@ -4,6 +4,7 @@ each part runs in about 15 minutes on one busy core (the numbers are for these b
 
     .venv/bin/python benchmarks/search_init.py pagcp-multitask   # -> results/pagcp_multitask.json
     .venv/bin/python benchmarks/search_init.py pagcp-yolo        # -> results/pagcp_yolo.json
+    .venv/bin/python benchmarks/search_init.py pagcp-oracle      # -> results/pagcp_oracle.json
     .venv/bin/python benchmarks/search_init.py precrop           # -> results/precrop.json
     .venv/bin/python benchmarks/search_init.py tas               # -> results/tas.json
     (--seeds 0 1 2, --quick for a smoke run that writes *_quick.json)
@@ -18,8 +19,8 @@ each part runs in about 15 minutes on one busy core (the numbers are for these b
 * precrop: ResNet-14 (CIFAR ResNet, 2 blocks per stage, width 12) trained from scratch at 30% of the parameters:
   PreCrop (SynFlow densities -> channel ratios; and the convex allocation) vs the dense network, vs SynFlow's own
   sparse mask at the same parameter count (masked training), vs uniform width scaling (every group the same ratio,
-  ``PreCrop(0.3, allocation="uniform")``: one ratio for every group fitted to the budget, re-initialised). Test accuracy and CPU seconds per training
-  step.
+  ``PreCrop(0.3, allocation="uniform")``: one ratio for every group fitted to the budget, re-initialised). Test
+  accuracy and CPU seconds per training step.
 * tas: ResNet-56 (9 blocks per stage, width 8: the ResNet-56 topology at half width) on Fashion-MNIST downsampled to
   14x14: dense teacher; TAS search at 50% of the MACs, materialised (arg-max), KD fine-tune; vs uniform L1 pruning of
   the teacher at the same MACs (``ChannelPrune(target_macs=<TAS's>, scope="local")``) with the same KD budget.
@@ -148,6 +149,7 @@ def degradation(after: dict[str, float], dense: dict[str, float]) -> dict[str, f
 SETTINGS = {"defaults": {}, "loose": {"initial_rate": 0.25, "initial_thres": 6.0}}
 SETTINGS_TEXT = {"defaults": "authors' defaults: initial_rate 0.06, initial_thres 6, topk 0.8, 1 round",
                  "loose": "initial_rate 0.25, initial_thres 6, topk 0.8, 1 round"}
+BASELINE_TEXT = "ChannelPrune(target_macs=PAGCP's MACs (absolute), importance='l1', scope='global', max_ratio=0.99)"
 MT_TASKS = {"cls": lambda o, y: F.cross_entropy(o[0], y[0]), "box": lambda o, y: F.mse_loss(o[1], y[1])}
 
 
@@ -209,8 +211,8 @@ def summarize_pagcp(rows: list[dict]) -> dict[str, Any]:
 def run_pagcp_multitask(seeds: list[int], quick: bool) -> None:
     from fxprune import models
 
-    n_train, n_test, n_calib = (600, 300, 128) if quick else (4000, 2000, 256)
-    epochs, ft_epochs = (1, 1) if quick else (2, 1)
+    n_train, n_test, n_calib = (600, 300, 128) if quick else (6000, 2000, 256)
+    epochs, ft_epochs = (1, 1) if quick else (6, 1)
     xtr, ytr = fashion_mnist("train", n_train + n_calib)
     xte, yte = fashion_mnist("test", n_test)
     btr, bte = boxes(xtr), boxes(xte)
@@ -239,7 +241,7 @@ def run_pagcp_multitask(seeds: list[int], quick: bool) -> None:
         "settings": {"model": "fxprune.models multitask tiny (width 16), input 3x32x32 (padded, repeated)",
                      "train": n_train, "calib": n_calib, "test": n_test, "dense_epochs": epochs,
                      "ft_epochs": ft_epochs, "pagcp": SETTINGS_TEXT,
-                     "baseline": "ChannelPrune(target_macs=PAGCP's fraction, importance='l1', scope='global')",
+                     "baseline": BASELINE_TEXT,
                      "degradation": "test loss / dense test loss - 1 per task; worst = max over tasks",
                      "seeds": seeds},
         "machine": machine(), "seconds": round(time.perf_counter() - t_all, 1),
@@ -305,10 +307,50 @@ def run_pagcp_yolo(seeds: list[int], quick: bool) -> None:
         "settings": {"model": "fxprune.models yolov8 tiny (nc 4, 64x64) via examples/yolov8_pipeline.get_detector",
                      "train": n_train, "calib": n_calib, "val": n_val, "dense_epochs": epochs,
                      "ft_epochs": ft_epochs, "pagcp": SETTINGS_TEXT,
-                     "baseline": "ChannelPrune(target_macs=PAGCP's fraction, importance='l1', scope='global')",
+                     "baseline": BASELINE_TEXT,
                      "seeds": seeds},
         "machine": machine(), "seconds": round(time.perf_counter() - t_all, 1),
         "summary": {k: summarize_pagcp([r for r in rows if r["setting"] == k]) for k in SETTINGS}, "rows": rows})
+
+
+def run_pagcp_oracle(seeds: list[int], quick: bool) -> None:
+    """The calibration oracle's cost (the slow part of PAGCP): one candidate per forward (``stack=1``) vs four
+    candidates stacked in the batch (``stack=4``), and the calibration chunk size, on the trained multitask CNN."""
+    from fxprune import models
+
+    n_train, n_calib = (300, 64) if quick else (2000, 256)
+    xtr, ytr = fashion_mnist("train", n_train + n_calib)
+    btr, xtr3 = boxes(xtr), to3(xtr)
+    rows = []
+    for seed in seeds:
+        model = models.multitask.build("tiny", seed=seed)
+        fit(model, Batches(xtr3[:n_train], (ytr[:n_train], btr[:n_train]), 64, seed),
+            lambda o, y: sum(fn(o, y) for fn in MT_TASKS.values()), epochs=1, lr=2e-3, seed=seed)
+        model.eval()
+        calib = list(Batches(xtr3[n_train:], (ytr[n_train:], btr[n_train:]), 64, seed, shuffle=False))
+        for stack, chunk in ((1, 256), (1, 64), (4, 256)):
+            t0 = time.perf_counter()
+            out = fxprune.compile(model, (xtr3[:2],), passes=[PAGCP(MT_TASKS, calib, initial_rate=0.25, stack=stack,
+                                                                    calib_batch=chunk)], seed=seed)
+            st = out.report.passes[0]["stats"]
+            row = {"seed": seed, "stack": stack, "calib_batch": chunk,
+                   "pass_seconds": round(time.perf_counter() - t0, 2),
+                   "calib_seconds": st["calib_seconds"], "calib_forwards": st["calib_forwards"],
+                   "calib_candidates": st["calib_candidates"], "calib_fraction": st["calib_fraction"],
+                   "seconds_per_candidate": round(st["calib_seconds"] / max(st["calib_candidates"], 1), 4),
+                   "macs_estimate": st["macs_estimate"]}
+            rows.append(row)
+            print(row, flush=True)
+    variants = sorted({(r["stack"], r["calib_batch"]) for r in rows})
+    summary = {f"stack{a}_chunk{b}": {k: ms([r[k] for r in rows if (r["stack"], r["calib_batch"]) == (a, b)], 4)
+                                      for k in ("calib_seconds", "seconds_per_candidate", "calib_fraction",
+                                                "calib_forwards")} for a, b in variants}
+    same = all(len({r["macs_estimate"] for r in rows if r["seed"] == sd}) == 1 for sd in seeds)
+    write("pagcp_oracle_quick.json" if quick else "pagcp_oracle.json", {
+        "benchmark": "PAGCP calibration oracle cost: candidates per forward and calibration chunk size",
+        "settings": {"model": "multitask tiny, 1 epoch on 2000 Fashion-MNIST images", "calib": n_calib,
+                     "pagcp": "initial_rate 0.25, initial_thres 6, topk 0.8", "seeds": seeds},
+        "same_selection_in_every_variant": same, "machine": machine(), "summary": summary, "rows": rows})
 
 
 # --------------------------------------------------------------------------------------------------- PreCrop
@@ -403,7 +445,8 @@ def run_precrop(seeds: list[int], quick: bool, density: float = 0.3) -> None:
         "benchmark": f"PreCrop at {density:.0%} of the parameters, trained from scratch, vs dense, SynFlow's sparse "
                      "mask and uniform width at the same parameter count",
         "settings": {"model": "CIFAR ResNet-14 (2 BasicBlocks per stage, width 12), 3x28x28 Fashion-MNIST",
-                     "train": n_train, "test": n_test, "epochs": epochs, "optimizer": "Adam 2e-3 cosine-annealed to 0, batch 64",
+                     "train": n_train, "test": n_test, "epochs": epochs,
+                     "optimizer": "Adam 2e-3 cosine-annealed to 0, batch 64",
                      "density": density, "synflow_iterations": 100, "seeds": seeds,
                      "step_seconds": "median wall seconds per training step (batch 64, 1 thread, shared CPU)"},
         "machine": machine(), "seconds": round(time.perf_counter() - t_all, 1), "summary": summary, "rows": rows})
@@ -479,21 +522,22 @@ def run_tas(seeds: list[int], quick: bool, target: float = 0.5) -> None:
                      "search_epochs": search_epochs, "kd_epochs": kd_epochs,
                      "search": "TASearch(flops_target, widths 0.3..1.0, depth, tau 5 -> 0.1, lambda 2, tol 5%) "
                                "from the teacher's weights; TASTrainer weights Adam 1e-3 / arch Adam 0.02 on two "
-                               "halves of the training subset, then TASTrainer.settle (architecture-only cost steps until the arg-max "
-                               "is in [target - 5%, target])",
+                               "halves of the training subset, then TASTrainer.settle (architecture-only cost "
+                               "steps until the arg-max is in [target - 5%, target])",
                      "kd": "alpha 0.9, T 4, Adam 1e-3", "seeds": seeds},
         "machine": machine(), "seconds": round(time.perf_counter() - t_all, 1), "summary": summary, "rows": rows})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["pagcp-multitask", "pagcp-yolo", "precrop", "tas"])
+    ap.add_argument("part", choices=["pagcp-multitask", "pagcp-yolo", "pagcp-oracle", "precrop", "tas"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, writes *_quick.json")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"pagcp-multitask": run_pagcp_multitask, "pagcp-yolo": run_pagcp_yolo, "precrop": run_precrop,
+    {"pagcp-multitask": run_pagcp_multitask, "pagcp-yolo": run_pagcp_yolo, "pagcp-oracle": run_pagcp_oracle,
+     "precrop": run_precrop,
      "tas": run_tas}[args.part](args.seeds, args.quick)
 
 
