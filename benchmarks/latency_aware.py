@@ -137,7 +137,9 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
         r.update(status="ok", seconds=round(time.perf_counter() - t, 1), verified=out.report.verified,
                  macs_kept=out.report.macs_after / out.report.macs_before,
                  params_kept=out.report.params_after / out.report.params_before,
-                 importance_retained=st["importance_retained"], pass_predicted_ratio=st.get("predicted_ratio"),
+                 importance_retained=round(importance_retained(model, x, {int(g): k for g, k in st["kept"].items()}),
+                                           4),
+                 pass_importance_retained=st["importance_retained"], pass_predicted_ratio=st.get("predicted_ratio"),
                  pass_measured_ratio=st.get("measured_ratio"), pass_rounds=st.get("rounds"),
                  table_points=st["table_points"], table_points_measured=st["table_points_measured"],
                  kept=st["kept"])
@@ -210,6 +212,25 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
     for p in paths.values():
         p.unlink(missing_ok=True)
     return row
+
+
+def recompute_importance(data: list[dict]) -> None:
+    """LatencyPrune rows of an earlier version of this script took ``importance_retained`` from the pass' stats,
+    which left out the groups with a single level (a bug, fixed): recompute it from the recorded kept counts with
+    the same function as the other rows."""
+    from fxprune.passes.latency_prune import importance_retained
+
+    for d in data:
+        if d.get("status") != "ok":
+            continue
+        model, x = _build(d["model"], d["batch"])
+        for r in d["rows"]:
+            if r["method"] == "latency_prune" and r.get("status") == "ok" and "pass_importance_retained" not in r:
+                r["pass_importance_retained"] = r["importance_retained"]
+                r["importance_retained"] = round(importance_retained(
+                    model, x, {int(g): k for g, k in r["kept"].items()}), 4)
+        if "equal_latency" in d:
+            d["equal_latency"] = equal_latency(d["rows"])
 
 
 def equal_latency(rows: list[dict]) -> list[dict]:
@@ -290,11 +311,18 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=2400)
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--recompute-importance", action="store_true",
+                    help="recompute LatencyPrune rows' importance_retained from their kept counts (see the function)")
     a = ap.parse_args()
     out = RESULTS / "latency_aware.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     rows: list[dict] = data.get("results", [])
-    if a.summary_only:
+    if a.recompute_importance:
+        setup_worker(a.threads)
+        recompute_importance(rows)
+        data["results"] = rows
+        out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    if a.summary_only or a.recompute_importance:
         print(summary(rows))
         return
     for b in (int(x) for x in a.batches.split(",")):

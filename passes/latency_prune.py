@@ -496,8 +496,9 @@ class LatencyPrune(Pass):
                                         float(np.max(scores[gid]))) for gid in masks})
         total_imp = sum(float(c[-1]) for c in cum.values())
         stats.update(
-            importance_retained=round(sum(float(cum[g][counts[g]]) for g in counts) / total_imp, 4) if total_imp
-            else 1.0, groups_pruned=len(masks), channels_removed=int(sum((~m).sum() for m in masks.values())),
+            importance_retained=round(sum(float(cum[g][counts.get(g, -1)]) for g in cum) / total_imp, 4)
+            if total_imp else 1.0, groups_pruned=len(masks),
+            channels_removed=int(sum((~m).sum() for m in masks.values())),
             macs_dense=gs.macs(), macs_estimate=gs.macs(program.leaf_keep()),
             kept={int(g): int(k) for g, k in counts.items() if k < levels[g][0]},
             seconds=round(time.perf_counter() - t0, 1))

@@ -216,3 +216,15 @@ def test_a_measured_target_miss_is_an_error_not_a_silent_result():
     st = out.report.passes[0]["stats"]
     assert st["target_miss"] > 0 and st["measured_ratio"] > 0 and len(st["rounds"]) == 1
     assert st["measured_ms"] > 0 and st["predicted_ms"] > 0
+
+
+def test_reported_importance_matches_the_recomputed_one():
+    """The pass' importance_retained counts every candidate group (kept whole or not) like importance_retained()."""
+    from fxprune import models
+    from fxprune.passes.latency_prune import importance_retained
+
+    model, x = models.get("resnet50", size="tiny", seed=0, batch=1)
+    p = LatencyPrune(target_latency=0.6, table=LatencyTable.synthetic(_flops_table), measure=False, step=4)
+    out = fxprune.compile(model, x, passes=[p])
+    st = out.report.passes[0]["stats"]
+    assert st["importance_retained"] == pytest.approx(importance_retained(model, x, st["kept"]), abs=1e-3)
