@@ -25,7 +25,7 @@ second-half sentences to the dense model after pruning 20/30% of the widths (MLP
 size is the output, so it stays), magnitude vs activation importance (calibration: first-half sentences).
 
     python benchmarks/llm_width.py                      # everything (hours on 2 busy cores)
-    python benchmarks/llm_width.py --part minilm
+    python benchmarks/llm_width.py --part minilm --out benchmarks/results/llm_width_minilm.json
     python benchmarks/llm_width.py --windows 30 --targets 0.2 --recover-steps 200
 """
 from __future__ import annotations
@@ -489,6 +489,13 @@ def main() -> None:
         return
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.part == "minilm":  # its own table: no SmolLM2 settings
+        results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads}
+        results["minilm"] = minilm_part(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return
     one_shot = {"windows": args.windows, "window": 512, "calib_windows": args.calib_windows, "norm_scale": NORM_SCALE}
     recov = {"recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
              "recover_seq": args.recover_seq, "recover_lr": args.recover_lr}
