@@ -24,7 +24,9 @@ MiniLM (``fxprune.data.minilm``): mean cosine similarity of sentence embeddings 
 second-half sentences to the dense model after pruning 20/30% of the widths (MLP neurons and head_dim; the hidden
 size is the output, so it stays), magnitude vs activation importance (calibration: first-half sentences).
 
-    python benchmarks/llm_width.py                      # everything (hours on 2 busy cores)
+    python benchmarks/llm_width.py --jobs 3 --threads 1  # everything (hours on 2 busy cores)
+    # what results/llm_width.json holds (4 eval windows = 2,044 tokens; 30 and 0.3 were not run):
+    python benchmarks/llm_width.py --part smollm --windows 4 --calib-windows 4 --jobs 3 --threads 1
     python benchmarks/llm_width.py --part minilm --out benchmarks/results/llm_width_minilm.json
     python benchmarks/llm_width.py --windows 30 --targets 0.2 --recover-steps 200
 """
