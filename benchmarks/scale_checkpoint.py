@@ -187,6 +187,7 @@ def dist_worker(rank: int, world: int, port: int, batches: int, seq: int, out: s
     scores = calibration_scores(program, None, criterion="activation", data=list(shard(data)))
     t2 = time.perf_counter()
     if world > 1:
+        dist.barrier()  # all ranks done before teardown (gloo can abort at exit otherwise)
         dist.destroy_process_group()
     np.savez(out, **{str(k): v for k, v in scores.items()},
              _times=np.array([t1 - t0, t2 - t1, _peak_gb()]))
