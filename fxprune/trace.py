@@ -488,9 +488,23 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
                 try:
                     ep = torch.export.export(work, attempt.args, attempt.kwargs, strict=False,
                                              dynamic_shapes=attempt.shapes)
+                    gm = ep.module()
+                    inline_wrapper_hops(gm)
+                    leaves = _user_leaves(gm, args, kwargs)
+                    spec = _sym_name_map(gm, ep, attempt, leaves)  # before _static_meta drops the symbols
+                    if attempt.tiled:  # metadata of the size-2 copy: re-derive it from the user's example
+                        try:  # (graph code stays dynamic)
+                            _static_meta(gm, leaves)
+                        except Exception as e:  # noqa: BLE001 - size 1 takes another path: try the next attempt
+                            failures.append((attempt, e))
+                            ep = None
+                            log.debug("trace attempt %s: the graph does not re-run on the size-1 example: %s",
+                                      attempt.label, _first_line(e))
+                            continue
                     used = attempt
                     break
                 except Exception as e:  # torch raises many types here; classified below
+                    ep = None
                     failures.append((attempt, e))
                     log.debug("trace attempt %s failed: %s", attempt.label, _first_line(e))
                     if attempt.explicit or _shape_independent(e):
@@ -498,16 +512,14 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
             if ep is None:
                 attempt, err = failures[-1]
                 raise _trace_error(model, work, args, kwargs, err, explicit=attempt.explicit) from err
+            if _dtype_suspect(work, args, kwargs):  # fake tensors let e.g. float64 x float32 conv through
+                eager = _eager_error(work, args, kwargs)
+                if eager is not None:
+                    raise _trace_error(model, work, args, kwargs, eager) from eager
     finally:
         if not copy_model:
             for m, was in flags:
                 m.training = was
-    gm = ep.module()
-    inline_wrapper_hops(gm)
-    leaves = _user_leaves(gm, args, kwargs)
-    spec = _sym_name_map(gm, ep, used, leaves)
-    if used.tiled:  # metadata of the size-2 copy: re-derive it from the user's example (graph code stays dynamic)
-        _static_meta(gm, leaves)
     spec.dynamic_batch = bool(used.shapes is not None and _dynamic_batch(spec, leaves))
     spec.notes = notes + _shape_notes(spec, leaves, failures, used)
     for n in spec.notes:
@@ -639,6 +651,18 @@ def _device_mismatch(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
             if isinstance(t, torch.Tensor) and t.device != dev and t.dim() > 0:
                 return (f"device mismatch: the model's parameters are on {dev} but input {name!r} is on {t.device}")
     return None
+
+
+def _dtype_suspect(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a floating example input has another floating dtype than the model's (single-dtype) parameters.
+    Export's fake tensors do not check dtypes for every op, so such an example can trace and then fail on the
+    first real run; the caller runs the model once eagerly to tell a real mismatch from a model that casts."""
+    dts = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    if len(dts) != 1:
+        return False
+    dt = next(iter(dts))
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dt
+               for t in pytree.tree_leaves((tuple(args), dict(kwargs))))
 
 
 def _check_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:

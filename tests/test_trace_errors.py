@@ -135,3 +135,23 @@ def test_analyze_raises_the_same_classified_errors():
     with pytest.raises(TraceError) as e:
         fxprune.analyze(Emb().eval(), (torch.randn(2, 5),))
     assert e.value.cause == "dtype"
+
+
+def test_float64_example_for_a_float32_model_is_a_dtype_error():
+    # export's fake tensors let float64 x float32 conv through; the first real run used to fail inside torch
+    with pytest.raises(TraceError) as e:
+        fxprune.compile(Conv().eval(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+    assert e.value.cause == "dtype" and "float64" in str(e.value)
+
+
+def test_a_model_that_casts_its_input_is_not_refused():
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype))
+
+    out = fxprune.compile(Cast().eval(), (torch.randn(2, 4, dtype=torch.float64),))
+    assert out.module(torch.randn(5, 4, dtype=torch.float64)).shape == (5, 3)
