@@ -112,3 +112,52 @@ def test_constant_pad_freezes_only_padded_dims():
     op = f"aten.{pad.target.__name__}"
     assert t.size(out[3]) == 7 and t.frozen_leaves()[t.find(out[3])] == f"{pad.name} ({op}): padded dim"
     assert [(n, w) for n, o, w in a.frozen_nodes if o == op] == [(pad.name, "padded dim")]
+
+
+class Deformable(nn.Module):
+    """Deformable-attention sampling: each query samples ``points`` locations predicted by a Linear, weighted by a
+    softmax over the points from another Linear (HF Deformable DETR / RT-DETR in miniature)."""
+
+    def __init__(self, c=8, points=4):
+        super().__init__()
+        self.points = points
+        self.value = nn.Conv2d(3, c, 1)
+        self.offsets = nn.Linear(c, points * 2)
+        self.weights = nn.Linear(c, points)
+        self.out = nn.Linear(c, 5)
+
+    def forward(self, img, q):  # img (N, 3, H, W), q (N, Q, c)
+        n, nq, _ = q.shape
+        v = self.value(img)
+        grid = torch.tanh(self.offsets(q)).view(n, nq, self.points, 2)
+        s = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N, c, Q, P)
+        w = self.weights(q).softmax(-1).view(n, 1, nq, self.points)
+        return self.out((s * w).sum(-1).transpose(1, 2))
+
+
+def test_grid_sample_output_positions_are_the_grids():
+    m = Deformable()
+    gm, a = analyze(m, torch.randn(2, 3, 6, 6), torch.randn(2, 5, 8))
+    t, p = a.table, a.param_spaces
+    (gs,) = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) in
+             (aten.grid_sampler, aten.grid_sampler_2d)]
+    g = a.node_spaces[gs.name]
+    assert t.find(g[1]) == t.find(p["value.weight"][0])  # channels pass through from the sampled input
+    # the sampled points are the offsets Linear's (P, 2) rows: the output's last dim is that P, not a fresh space
+    (pts, xy) = factors(t, p["offsets.weight"][0])
+    assert t.find(g[3]) == t.find(pts)
+    assert t.find(xy) in t.frozen_leaves()  # the coordinate pair is consumed by the sampler
+
+
+def test_deformable_sampling_shrinks_and_verifies():
+    import fxprune
+    from fxprune.passes import ChannelPrune, Shrink
+
+    torch.manual_seed(0)
+    m = Deformable().eval()
+    x = (torch.randn(2, 3, 6, 6), torch.randn(2, 5, 8))
+    out = fxprune.compile(m, x, [ChannelPrune(ratio=0.5), Shrink()])
+    assert out.report.verified
+    assert out.report.params_after < out.report.params_before
+    y = out.module(torch.randn(3, 3, 6, 6), torch.randn(3, 5, 8))
+    assert y.shape == (3, 5, 5)

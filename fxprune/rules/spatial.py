@@ -16,7 +16,7 @@ from .registry import _arg, _freeze_quiet, _nd, aten, rule
       aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_bilinear2d,
       aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_trilinear3d, aten._upsample_nearest_exact2d,
       aten._upsample_bilinear2d_aa, aten.reflection_pad2d, aten.replication_pad2d, aten.reflection_pad1d,
-      aten.replication_pad1d, aten.grid_sampler, aten.grid_sampler_2d)
+      aten.replication_pad1d)
 def _spatial(A: RuleContext, node: fx.Node) -> None:
     x = node.args[0]
     s = list(A.sp(x))
@@ -26,6 +26,20 @@ def _spatial(A: RuleContext, node: fx.Node) -> None:
     out = s[:lead] + [A.t.new(n, f"{node.name}.spatial", "spatial dim") for n in shp[lead:]]
     _freeze_quiet(A, s[lead:], node, "spatial dim (output size depends on it)")
     A.set(node, [out, list(out)] if isinstance(v, (list, tuple)) else out)
+
+
+@rule(aten.grid_sampler, aten.grid_sampler_2d, aten.grid_sampler_3d)
+def _grid_sample(A: RuleContext, node: fx.Node) -> None:
+    """``grid_sample(x (N, C, *in), grid (N, *out, k))``: output position ``p`` samples ``x`` at ``grid[:, p]``, so
+    the output's spatial dims are the grid's (same positions: pruning grid positions, e.g. deformable-attention
+    sampling points from a Linear, removes those outputs), channels pass through from ``x``, the batch is shared.
+    ``x``'s spatial dims are read at coordinates and the grid's coordinate dim is consumed: both frozen."""
+    x, grid = node.args[0], node.args[1]
+    s, g = list(A.sp(x)), list(A.sp(grid))
+    A.unify(s[0], g[0], node, "batch")
+    _freeze_quiet(A, s[2:], node, "spatial dim sampled at grid coordinates")
+    _freeze_quiet(A, [g[-1]], node, "grid coordinate dim")
+    A.set(node, [s[0], s[1]] + g[1:-1])
 
 
 @rule(aten.constant_pad_nd, aten.pad)
