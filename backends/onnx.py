@@ -401,8 +401,113 @@ def _forward_arg_names(module: nn.Module, n: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), n)]
 
 
+# ------------------------------------------------------------------------------------------------- translations
+_SDPA = "aten.scaled_dot_product_attention.default"
+_SDPA_4D_ONLY = "only 4D query, key, and value are supported"
+
+
+def _sdpa_any_rank(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
+    """ONNX translation of ``aten.scaled_dot_product_attention`` for q/k/v of any rank >= 3 (torch.onnx's own
+    translation asserts 4-D inputs; timm Hiera's windowed attention is 5-D ``[B, heads, windows, N, head_dim]``).
+
+    torch's math kernel, traced with onnxscript (a ``custom_translation_table`` entry of ``torch.onnx.export``):
+    ``softmax((q*sqrt(s)) @ (k*sqrt(s))^T + mask) @ v`` with ``s = scale or 1/sqrt(E)``; MatMul, Add, Where and
+    Softmax broadcast over all leading dims like torch. A bool (or causal) mask puts -inf where it is False; a
+    float mask is added. GQA repeats each key/value head along dim -3. Inference only: ``dropout_p`` must be 0."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if dropout_p:
+        raise NotImplementedError(f"{_SDPA} with dropout_p={dropout_p} (training) has no inference translation")
+    if is_causal and attn_mask is not None:
+        raise NotImplementedError(f"{_SDPA}: is_causal and attn_mask cannot both be set")
+    e = query.shape[-1] if query.shape is not None else None
+    if scale is not None:
+        s = op.Constant(value_float=float(scale))
+    elif isinstance(e, int):
+        s = op.Constant(value_float=1.0 / math.sqrt(e))
+    else:
+        s = op.Reciprocal(op.Sqrt(op.Cast(op.Shape(query, start=-1), to=ir.DataType.FLOAT)))
+    root = op.Sqrt(s)
+    if enable_gqa:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            raise NotImplementedError(f"{_SDPA} with enable_gqa needs static head counts, q {hq} a multiple "
+                                      f"of k/v {hk}")
+        if hq != hk:
+            key, value = (_repeat_heads(op, t, hq // hk) for t in (key, value))
+    rank_k = len(key.shape)
+    perm = list(range(rank_k))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    w = op.MatMul(op.Mul(query, op.CastLike(root, query)), op.Mul(op.Transpose(key, perm=perm), op.CastLike(root, key)))
+    bool_mask = is_causal
+    if is_causal:
+        ls = op.Concat(op.Shape(query, start=-2, end=-1), op.Shape(key, start=-2, end=-1), axis=0)
+        ones = op.ConstantOfShape(ls, value=ir.tensor([1.0], dtype=ir.DataType.FLOAT))
+        attn_mask = op.Cast(op.Trilu(ones, upper=0), to=ir.DataType.BOOL)
+    elif attn_mask is not None:
+        bool_mask = attn_mask.dtype == ir.DataType.BOOL
+    if attn_mask is not None:
+        if bool_mask:
+            w = op.Where(attn_mask, w, op.CastLike(op.Constant(value_float=float("-inf")), w))
+        else:
+            w = op.Add(w, op.CastLike(attn_mask, w))
+    return op.MatMul(op.Softmax(w, axis=-1), value)
+
+
+def _repeat_heads(op: Any, t: Any, g: int) -> Any:
+    """``t.repeat_interleave(g, dim=-3)`` in ONNX: ``[..., H, S, E] -> [..., H*g, S, E]``."""
+    rank = len(t.shape)
+    u = op.Unsqueeze(t, op.Constant(value_ints=[rank - 2]))  # [..., H, 1, S, E]
+    reps = [1] * (rank + 1)
+    reps[rank - 2] = g
+    x = op.Expand(u, op.Constant(value_ints=reps))
+    shape = op.Concat(op.Shape(t, start=0, end=rank - 3), op.Constant(value_ints=[-1]),
+                      op.Shape(t, start=rank - 2), axis=0)
+    return op.Reshape(x, shape)
+
+
+def _nd_sdpa_nodes(module: nn.Module) -> list[str]:
+    """The SDPA nodes of a GraphModule (and GraphModule submodules) whose q, k or v is not 4-D, as
+    ``"node (q shape)"``; empty for plain modules (their graph is unknown until export)."""
+    found: list[str] = []
+    for sub in module.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for n in sub.graph.nodes:
+            if n.op != "call_function" or str(n.target) != _SDPA:
+                continue
+            vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in n.args[:3]]
+            ranks = [v.dim() for v in vals if isinstance(v, torch.Tensor)]
+            if any(r != 4 for r in ranks):
+                q = vals[0]
+                found.append(f"{n.name} (q {list(q.shape) if isinstance(q, torch.Tensor) else '?'})")
+    return found
+
+
+def _dynamo_failure(e: BaseException) -> tuple[str | None, str | None, str]:
+    """(ATen op, fx node, root message) of a failed dynamo export, from torch.onnx's "Error when translating
+    node %name : ... target=torch.ops.aten.x.y ..." wrapper and the root exception; None where unknown."""
+    import re
+
+    texts = []
+    x: BaseException | None = e
+    seen = set()
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        texts.append(re.sub(r"\x1b\[[0-9;]*m", "", str(x)))
+        x = x.__cause__ or x.__context__
+    allt = "\n".join(texts)
+    node = re.search(r"translating node %(\w+)", allt)
+    op = re.search(r"target=torch\.ops\.([\w.]+)", allt)
+    root = texts[-1].strip().splitlines()[0][:300] if texts and texts[-1].strip() else ""
+    return (op.group(1) if op else None), (node.group(1) if node else None), root
+
+
 def _export_dynamo(module: nn.Module, args: tuple, kwargs: dict, path: str, *, opset: int | None, dynamic: bool,
-                   input_names: Any, output_names: Any, external: bool) -> None:
+                   input_names: Any, output_names: Any, external: bool,
+                   translations: dict[Any, Any] | None = None) -> None:
     shapes = None
     if dynamic:
         export_inputs = getattr(module, "export_inputs", None)
@@ -414,7 +519,8 @@ def _export_dynamo(module: nn.Module, args: tuple, kwargs: dict, path: str, *, o
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         torch.onnx.export(module, args, path, kwargs=kwargs or None, dynamo=True, opset_version=opset,
                           dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
-                          external_data=external, verbose=False, optimize=True)
+                          external_data=external, verbose=False, optimize=True,
+                          custom_translation_table=translations or None)
 
 
 def default_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str] | None, list[str] | None]:
@@ -463,10 +569,67 @@ def _export_torchscript(module: nn.Module, args: tuple, kwargs: dict, path: str,
                           output_names=list(output_names), dynamic_axes=axes, do_constant_folding=True)
 
 
+@contextlib.contextmanager
+def _stride_free_graph(module: nn.Module) -> Iterator[int]:
+    """Temporarily make the module's GraphModules independent of strides: ``aten.view`` becomes
+    ``aten.reshape`` and ``aten.contiguous`` becomes ``aten.clone(memory_format=contiguous_format)`` (same
+    values; a copy where the original was a no-op). The graph is restored afterwards; yields the count.
+
+    ``torch.onnx`` re-traces the graph, and a ``contiguous`` that the re-trace sees as a no-op is dropped, so the
+    ``view`` after it relies on the traced strides. Its decomposition step then re-runs ops with other fake
+    kernels (SDPA kept whole gives a contiguous ``[B, H, L, E]`` output where CPU flash attention gave
+    ``[B, L, H, E]`` in memory; HF BEiT with a relative position bias) and fails with "Cannot view a tensor with
+    shape ..." although the module runs. A clone is always kept, so the view after it is valid under any
+    strides."""
+    changed: list[tuple[Any, Any, tuple, dict]] = []
+    aten = torch.ops.aten
+    subs = [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]
+    try:
+        for gm in subs:
+            for n in gm.graph.nodes:
+                if n.op != "call_function":
+                    continue
+                if n.target is aten.view.default:
+                    changed.append((n, n.target, n.args, dict(n.kwargs)))
+                    n.target = aten.reshape.default
+                elif n.target is aten.contiguous.default:
+                    changed.append((n, n.target, n.args, dict(n.kwargs)))
+                    n.target = aten.clone.default
+                    n.kwargs = {"memory_format": n.kwargs.get("memory_format", torch.contiguous_format)}
+            gm.recompile()
+        yield len(changed)
+    finally:
+        for n, target, a, kw in changed:
+            n.target, n.args, n.kwargs = target, a, kw
+        for gm in subs:
+            gm.recompile()
+
+
+def _where(failure: tuple[str | None, str | None, str]) -> str:
+    op, node, _ = failure
+    return (f" at {op}" if op else "") + (f" (node %{node})" if node else "")
+
+
+def _fix_for(failure: tuple[str | None, str | None, str]) -> str:
+    """The fix for a failed dynamo export: specific for the ops we know, else the generic advice."""
+    op, node, root = failure
+    if op and op.startswith("aten.grid_sampler") or "grid_sampler" in root:
+        return ("ONNX GridSample (opset 16+) takes 4-D input with bilinear/nearest/bicubic modes and 5-D only from "
+                "opset 20 (ONNX Runtime: linear/nearest); pass opset=20 or newer, or replace the sampling")
+    if op and op.startswith("aten.scaled_dot_product_attention"):
+        return ("reshape q/k/v to 4-D [batch, heads, seq, head_dim] around the attention, or pass your own "
+                "custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default: fn}")
+    target = f"torch.ops.{op}" if op else "the op"
+    return (f"check that the module runs on example_inputs; for data-dependent control flow use torch.cond; "
+            f"an op torch.onnx cannot translate needs custom_translation_table={{{target}: onnxscript_fn}} "
+            f"(torch.onnx docs)")
+
+
 def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLike, *, opset: int | None = None,
            dynamic_batch: bool = True, simplify: bool = True, check_parity: bool = True,
            atol: float | None = None, rtol: float = 0.0, seed: int = 0, input_names: Sequence[str] | None = None,
-           output_names: Sequence[str] | None = None) -> ExportResult:
+           output_names: Sequence[str] | None = None,
+           custom_translation_table: dict[Any, Any] | None = None) -> ExportResult:
     """Export ``module_or_compiled`` (an nn.Module, a ``torch.export`` GraphModule or fxprune's ``Compiled``) to
     the ONNX file ``path`` and return what was written.
 
@@ -497,25 +660,53 @@ def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLi
         input_names = list(input_names) if input_names is not None else ins
         output_names = list(output_names) if output_names is not None else outs
     exporter = "dynamo"
+    translations = dict(custom_translation_table or {})
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    nd = _nd_sdpa_nodes(module)
+    if nd and sdpa not in translations:
+        translations[sdpa] = _sdpa_any_rank
+        notes.append(f"{_SDPA} with non-4-D q/k/v at {', '.join(nd[:3])}{' ...' if len(nd) > 3 else ''}: "
+                     f"translated by fxprune's any-rank SDPA (MatMul/Softmax; torch.onnx's own is 4-D only)")
+    dyn_failure: tuple[str | None, str | None, str] | None = None
     log.info("exporting %s to %s", type(module).__name__, path)
     with timed("onnx export", log), eval_mode(module) as switched, warnings.catch_warnings():
         if not switched:  # torch.export GraphModule: its graph was captured in eval mode already
             warnings.filterwarnings("ignore", message=".*training mode.*")
+        dyn_kw = dict(opset=opset, dynamic=dynamic_batch, input_names=input_names, output_names=output_names,
+                      external=external)
         try:
-            _export_dynamo(module, args, kwargs, path, opset=opset, dynamic=dynamic_batch, input_names=input_names,
-                           output_names=output_names, external=external)
+            try:
+                _export_dynamo(module, args, kwargs, path, translations=translations, **dyn_kw)
+            except Exception as e_first:
+                root = _dynamo_failure(e_first)[2]
+                if _SDPA_4D_ONLY in root and sdpa not in translations:
+                    # a plain module's graph is only known once exported: retry 5-D attention with our translation
+                    translations[sdpa] = _sdpa_any_rank
+                    _export_dynamo(module, args, kwargs, path, translations=translations, **dyn_kw)
+                    notes.append(f"{_SDPA} with non-4-D q/k/v: translated by fxprune's any-rank SDPA "
+                                 f"(MatMul/Softmax; torch.onnx's own is 4-D only)")
+                elif "Cannot view a tensor" in root and any(
+                        isinstance(m, torch.fx.GraphModule) for m in module.modules()):
+                    with _stride_free_graph(module) as n_rewritten:
+                        _export_dynamo(module, args, kwargs, path, translations=translations, **dyn_kw)
+                    notes.append(f"dynamo exporter: a view was impossible under its fake strides ({root[:160]}); "
+                                 f"exported with the graph's {n_rewritten} aten.view/contiguous as "
+                                 f"reshape/clone (same values; the module itself is unchanged)")
+                else:
+                    raise
         except Exception as e_dyn:
-            notes.append(f"dynamo exporter failed ({_first_line(e_dyn)}); used the TorchScript exporter")
+            dyn_failure = _dynamo_failure(e_dyn)
+            where = _where(dyn_failure)
+            notes.append(f"dynamo exporter failed{where} ({_first_line(e_dyn)}); used the TorchScript exporter")
             exporter = "torchscript"
             try:
                 _export_torchscript(module, args, kwargs, path, opset=opset, dynamic=dynamic_batch,
                                     input_names=input_names, output_names=output_names)
             except Exception as e_ts:
                 raise ExportError(
-                    f"could not export {type(module).__name__} to ONNX. dynamo exporter: {_first_line(e_dyn)}; "
-                    f"TorchScript exporter: {_first_line(e_ts)}",
-                    fix="check that the module runs on example_inputs; for data-dependent control flow use "
-                        "torch.cond; unsupported ops may need a custom_translation_table (torch.onnx docs)",
+                    f"could not export {type(module).__name__} to ONNX. dynamo exporter{where}: "
+                    f"{_first_line(e_dyn)}; TorchScript exporter: {_first_line(e_ts)}",
+                    fix=_fix_for(dyn_failure),
                 ) from e_dyn
 
     model = onnx.load(path)
@@ -558,7 +749,15 @@ def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLi
     parity = ParityResult({}, {}, [])
     if check_parity:
         with timed("onnx parity check (onnxruntime vs torch)", log) as t:
-            parity = check_parity_fn(path, module, example_inputs, atol=atol, rtol=rtol, seed=seed)
+            try:
+                parity = check_parity_fn(path, module, example_inputs, atol=atol, rtol=rtol, seed=seed)
+            except ExportError as e:
+                if dyn_failure is None:
+                    raise
+                raise ExportError(
+                    f"the dynamo exporter failed{_where(dyn_failure)} ({dyn_failure[2]}), and the file the "
+                    f"TorchScript fallback wrote is wrong: {str(e).splitlines()[0]}",
+                    fix=_fix_for(dyn_failure)) from e
             t["details"] = str(parity)
         notes += parity.notes
     return ExportResult(path=path, opset=_opset(model), exporter=exporter, dynamic_batch=is_dynamic,
