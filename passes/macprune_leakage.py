@@ -17,6 +17,19 @@ Attackers (known inputs: the attacker chooses random images by default, as in CP
 * ``"cpa"``: correlation power analysis at the dense positions of the target weight's MACs; for each hypothesis
   ``h`` in [-128, 127] the Pearson correlation ``rho_s(h)`` between ``HW(x_s * h)`` and the sample at position
   ``s``; the score is ``max_s rho_s(h)``.
+* ``"window"`` (the attacker reported by the benchmark): a windowed-integration, re-aligning CPA, as an attacker
+  facing random skipping would run it. Profiling (on a clone of the device with the same gate, ``profile`` gate
+  draws) gives, per target slot ``s``, the compacted position of the target MAC as a linear function of the trace's
+  execution length ``N`` (the number of executed MACs, visible as the duration of the computation):
+  ``pos_s ~ a_s + b_s N`` (a linear time warp: traces are re-aligned by their duration, so slots near the start
+  *and* near the end of the neuron stay nearly aligned), with residual spread ``sd_s``. The attacker integrates
+  (sums) each trace over ``a_s + b_s N_i +- (ceil(f * sd_s) + window_min)`` samples for every ``f`` in
+  :data:`WINDOW_WIDTHS` up to ``window_k`` (default 0 and 1 sd, nested windows: a rectangular stand-in for the
+  matched filter, whose best width depends on the slot; ``window_k=0``: re-alignment only), correlates the sums
+  with ``HW(x_s * h)`` and scores ``max`` over slots and widths of ``rho(h)``. Without a gate (or with ``timing="constant"``) the
+  window is one sample and the attack is ``"cpa"``. The noise of a window is drawn with its exact variance
+  (``sigma^2`` times the window length; the nested windows of one slot share it) independently per slot
+  (overlapping windows of different slots share noise on a device; each slot's marginal is exact).
 * ``"double_strike"``: Casalino et al. (arXiv 2601.08698, 2026): MACPruning's branch (important / executed /
   skipped) leaves distinct control-flow patterns, so the attacker labels every MAC, re-aligns the traces and
   correlates each target MAC only over the traces where it executed. Simulated by giving the attacker the
@@ -46,7 +59,7 @@ from fxprune.utils import get_tensor, int_list
 from .macprune import CONV_OPS, MACPruneGate, MaskedMACConv2d, MaskedMACLinear, PixelGate, gates, reseed, set_p
 
 TIMINGS = ("compact", "constant")
-ATTACKERS = ("cpa", "double_strike")
+ATTACKERS = ("cpa", "window", "double_strike")
 HYPOTHESES = np.arange(-128, 128)
 _HW16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.int8)
 
@@ -133,7 +146,8 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
                     p: float | None = None, n_traces: int = 20000, sigma: float = 4.0, timing: str = "compact",
                     attacker: str = "cpa", inputs: Any = "random", seed: int = 0,
                     checkpoints: Sequence[int] | None = None, chunk: int = 1000, ghost_corr: float = 0.99,
-                    confirm: int | None = 3) -> AttackResult:
+                    confirm: int | None = 3, window_k: float = 1.0, window_min: int = 0, profile: int = 256,
+                    realign: bool = True) -> AttackResult:
     """Simulate ``n_traces`` traces of one neuron's MAC sequence and run the attack at ``checkpoints``.
 
     ``weights``: the neuron's int8 weights, flat in ``schedule.weight_index`` order (``(C*K*K,)``) or
@@ -142,7 +156,10 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
     ``(N, n_pixels)`` sampled with replacement. ``checkpoints``: trace counts where the attack is scored (default
     20 geometric steps from 10 to ``n_traces``); with ``confirm=k`` the simulation stops once the true class has
     ranked first at ``k`` checkpoints in a row (``None``: run all). ``ghost_corr``: see
-    :func:`equivalent_hypotheses`.
+    :func:`equivalent_hypotheses`. ``window_k`` / ``window_min`` / ``profile`` / ``realign``: the ``"window"``
+    attacker's half-width (in residual standard deviations of the target's position, plus ``window_min`` samples),
+    number of profiling gate draws, and whether positions are predicted from the trace's duration (``False``: from
+    the start of the trace only).
     """
     if timing not in TIMINGS:
         raise InputError(f"timing must be one of {TIMINGS}, got {timing!r}")
@@ -150,6 +167,8 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
         raise InputError(f"attacker must be one of {ATTACKERS}, got {attacker!r}")
     if p is not None and not 0.0 <= float(p) <= 1.0:
         raise InputError(f"p must be in [0, 1] or None, got {p!r}")
+    if window_k < 0 or window_min < 0 or profile < 2:
+        raise InputError("window_k and window_min must be >= 0 and profile >= 2")
     if n_traces < 2 or sigma < 0:
         raise InputError("n_traces must be >= 2 and sigma >= 0")
     w = np.asarray(weights)
@@ -188,11 +207,18 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
 
     macs_per_map = np.bincount(schedule.map_index, minlength=n_map).astype(np.float64)
     S = len(slots)
-    cnt = np.zeros((S, 256))
-    sum_l_v = np.zeros((S, 256))
-    n_s = np.zeros(S)
-    sum_l = np.zeros(S)
-    sum_l2 = np.zeros(S)
+    windowed = attacker == "window" and timing == "compact"
+    if windowed:
+        prof_rng = np.random.default_rng([seed, 0x5EED])  # the attacker's clone device: its own gate draws
+        w_center_a, w_center_b, w_half = _profile_positions(schedule, slots, imp, p, profile, prof_rng, realign,
+                                                            window_k, window_min)
+    K = len(w_half) if windowed else 1  # candidate window widths per slot
+    S_all = S * K
+    cnt = np.zeros((S_all, 256))
+    sum_l_v = np.zeros((S_all, 256))
+    n_s = np.zeros(S_all)
+    sum_l = np.zeros(S_all)
+    sum_l2 = np.zeros(S_all)
     ranks: list[int] = []
     recovered = 0
     executed_total = 0.0
@@ -208,7 +234,13 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
             else:
                 keep = imp[None, :] | (rng.random((n, n_map)) < p)
             v_slot = x[:, schedule.pixel[slots]]  # pixel values the attacker predicts with
-            if timing == "compact" and attacker == "cpa" and p is not None:
+            if windowed:
+                ex = keep[:, schedule.map_index]  # (n, M): executed MACs
+                executed_total += float(ex.mean()) * n
+                leak = _window_leak(x, ex, schedule, wm, slots, w_center_a, w_center_b, w_half, sigma, rng)
+                use = np.ones((n, S_all), dtype=bool)
+                v_slot = np.tile(v_slot, (1, K))
+            elif timing == "compact" and attacker == "cpa" and p is not None:
                 ex = keep[:, schedule.map_index]  # (n, M): executed MACs
                 executed_total += float(ex.mean()) * n
                 # the MAC at compacted position s is the one whose running count of executed MACs reaches s + 1
@@ -232,9 +264,10 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
                 executed_total += float((keep @ macs_per_map).sum()) / len(schedule)
             # per-slot sufficient statistics, binned by pixel value
             lw = leak * use
-            flat = (np.arange(S)[None, :] * 256 + v_slot).ravel()
-            cnt += np.bincount(flat, weights=use.ravel().astype(np.float64), minlength=S * 256).reshape(S, 256)
-            sum_l_v += np.bincount(flat, weights=lw.ravel(), minlength=S * 256).reshape(S, 256)
+            flat = (np.arange(S_all)[None, :] * 256 + v_slot).ravel()
+            cnt += np.bincount(flat, weights=use.ravel().astype(np.float64),
+                               minlength=S_all * 256).reshape(S_all, 256)
+            sum_l_v += np.bincount(flat, weights=lw.ravel(), minlength=S_all * 256).reshape(S_all, 256)
             n_s += use.sum(0)
             sum_l += lw.sum(0)
             sum_l2 += (lw * leak).sum(0)
@@ -254,6 +287,65 @@ def simulate_attack(weights: Any, schedule: MACSchedule, *, target: int, importa
             break
     return AttackResult(needed, checkpoints, ranks, int(w[target]), recovered, timing, attacker,
                         None if p is None else float(p), float(sigma), S, executed_total / max(done, 1))
+
+
+WINDOW_WIDTHS = (0.0, 1.0, 2.0)  # the "window" attacker's half-widths, in residual sds of the target's position
+
+
+def _profile_positions(schedule: MACSchedule, slots: np.ndarray, imp: np.ndarray, p: float | None, n: int,
+                       rng: np.random.Generator, realign: bool, k: float, extra: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Profiled position model of the target MAC at each slot: ``pos ~ a + b * N`` (least squares over ``n`` gate
+    draws; ``N`` = executed MACs of the trace; ``b = 0`` without ``realign``) and the candidate window
+    half-widths ``(K, S)``: ``ceil(f * residual sd) + extra`` for ``f`` in :data:`WINDOW_WIDTHS` up to ``k``
+    (nested windows; the attacker keeps the best, as CPA keeps the best sample)."""
+    S = len(slots)
+    fs = [f for f in WINDOW_WIDTHS if f <= k] or [0.0]
+    if p is None:
+        return slots.astype(np.float64), np.zeros(S), np.full((1, S), extra, dtype=np.int64)
+    keep = imp[None, :] | (rng.random((n, imp.size)) < p)
+    ex = keep[:, schedule.map_index]
+    before = np.cumsum(ex, axis=1)[:, slots] - ex[:, slots]  # executed MACs before the slot = its position
+    pos = before.astype(np.float64)
+    N = ex.sum(1).astype(np.float64)
+    b = np.zeros(S)
+    vn = N.var()
+    if realign and vn > 0:
+        b = ((pos - pos.mean(0)) * (N - N.mean())[:, None]).mean(0) / vn
+    a = pos.mean(0) - b * N.mean()
+    sd = (pos - (a[None, :] + b[None, :] * N[:, None])).std(0)
+    half = np.stack([np.ceil(f * sd - 1e-9).astype(np.int64) + int(extra) for f in fs])
+    return a, b, np.maximum(half, 0)
+
+
+def _window_leak(x: np.ndarray, ex: np.ndarray, schedule: MACSchedule, wm: np.ndarray, slots: np.ndarray,
+                 a: np.ndarray, b: np.ndarray, half: np.ndarray, sigma: float, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """Window sums ``(n, K * S)`` (width-major) of compacted traces (executed MACs' Hamming weights moved
+    forward, idle tail 0) plus window noise of variance ``sigma^2 * length``, nested windows of one slot sharing
+    their noise."""
+    n, M = ex.shape
+    hw = hamming_weight16(x[:, schedule.pixel] * wm[None, :]).astype(np.int32)
+    pos = np.cumsum(ex, axis=1) - 1
+    trace = np.zeros((n, M), dtype=np.int32)
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, M))
+    trace[rows[ex], pos[ex]] = hw[ex]
+    cs = np.zeros((n, M + 1), dtype=np.int64)
+    np.cumsum(trace, axis=1, out=cs[:, 1:])
+    N = ex.sum(1).astype(np.float64)
+    center = np.rint(a[None, :] + b[None, :] * N[:, None]).astype(np.int64)
+    out = []
+    noise = np.zeros(center.shape)
+    prev_len = np.zeros(center.shape)
+    for h in half:  # increasing half-widths: nested windows
+        start = np.clip(center - h[None, :], 0, M)
+        end = np.clip(center + h[None, :] + 1, 0, M)
+        length = np.maximum((end - start).astype(np.float64), 1.0)
+        noise = noise + rng.normal(0.0, 1.0, noise.shape) * sigma * np.sqrt(np.maximum(length - prev_len, 0.0))
+        prev_len = np.maximum(prev_len, length)
+        sig = (np.take_along_axis(cs, end, 1) - np.take_along_axis(cs, start, 1)).astype(np.float64)
+        out.append(sig + noise)
+    return np.concatenate(out, axis=1)
 
 
 def equivalent_hypotheses(weight: int, ghost_corr: float = 0.99, table: np.ndarray | None = None) -> np.ndarray:
@@ -488,6 +580,6 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=lambda o: None if isinstance(o, float) and math.isinf(o) else str(o))
 
 
-__all__ = ["hamming_weight16", "quantize_int8", "prediction_table", "MACSchedule", "conv_schedule", "linear_schedule",
+__all__ = ["WINDOW_WIDTHS", "hamming_weight16", "quantize_int8", "prediction_table", "MACSchedule", "conv_schedule", "linear_schedule",
            "AttackResult", "simulate_attack", "traces_needed", "dense_baseline", "mitigation_ratio", "ProtectedLayer",
            "protected_layers", "accuracy_vs_p", "attack_model", "plot_accuracy_vs_r", "TIMINGS", "ATTACKERS"]

@@ -334,3 +334,93 @@ def test_named_layers_and_per_element_map():
     assert gs[1].last_mask.shape == (2, 8, 14, 14)
     reseed(out.module, 1)
     assert gs[0].seed != gs[1].seed
+
+
+# ----------------------------------------------------------------------------------------------- leakage simulation
+def _int8_weights(seed=0, shape=(1, 3, 3)):
+    from fxprune.passes.macprune_leakage import quantize_int8
+
+    w, _ = quantize_int8(np.random.default_rng(seed).normal(0, 1, shape))
+    return w.reshape(-1)
+
+
+def test_censored_whenever_any_repeat_hits_the_cap():
+    """R = 232.6 at p = 0.5 was the 10k cap over a 43-trace baseline and was stored with censored=false: a row is
+    censored as soon as one gated repeat did not succeed within the cap, and R then counts it at the cap."""
+    from fxprune.passes.macprune_leakage import AttackResult, ratio_of
+
+    def run(n, cap=10000):
+        return AttackResult(n, [cap], [1 if n is not None else 7], 5, 5, "compact", "window", 0.5, 4.0, 9, 0.6)
+
+    dense = [run(21), run(43), run(62)]
+    res = ratio_of(dense, [run(10000), run(3360), run(None)], 10000)  # the old p = 0.5 row
+    assert res["censored"] and res["uncensored_repeats"] == 2
+    assert res["R"] == pytest.approx(10000 / 43)  # a lower bound, flagged as such
+    res = ratio_of(dense, [run(None), run(120), run(150)], 10000)  # median finite, one repeat capped
+    assert res["censored"] and res["R"] == pytest.approx(150 / 43)
+    res = ratio_of(dense, [run(100), run(120), run(150)], 10000)
+    assert not res["censored"] and res["uncensored_repeats"] == 3 and res["R"] == pytest.approx(120 / 43)
+
+
+def test_window_attacker_recovers_ungated_weight_like_the_point_attacker():
+    from fxprune.passes.macprune_leakage import HYPOTHESES, conv_schedule, equivalent_hypotheses, simulate_attack
+
+    w = _int8_weights()
+    sched = conv_schedule((1, 16, 16), (3, 3), padding=(1, 1))
+    kw = dict(target=4, p=None, sigma=2.0, n_traces=2000, seed=1)
+    point = simulate_attack(w, sched, attacker="cpa", **kw)
+    win = simulate_attack(w, sched, attacker="window", **kw)
+    eq = HYPOTHESES[equivalent_hypotheses(int(w[4]))]
+    for r in (point, win):
+        assert r.traces_needed is not None and r.traces_needed <= 300, r
+        assert r.rank[-1] == 1 and r.recovered in eq
+    # without a gate the window is one sample: the window attacker is the point attacker
+    assert win.traces_needed == point.traces_needed
+
+
+def test_window_attacker_needs_more_traces_under_gating():
+    from fxprune.passes.macprune_leakage import conv_schedule, simulate_attack
+
+    w = _int8_weights()
+    sched = conv_schedule((1, 16, 16), (3, 3), padding=(1, 1))
+    imp = np.zeros((16, 16), bool)
+    imp[5:11, 5:11] = True
+    kw = dict(target=4, sigma=4.0, n_traces=8000, seed=0, attacker="window")
+    dense = simulate_attack(w, sched, p=None, **kw)
+    gated = simulate_attack(w, sched, p=0.5, important=imp, timing="compact", **kw)
+    assert dense.traces_needed is not None
+    assert gated.traces_needed is None or gated.traces_needed >= 3 * dense.traces_needed, (dense, gated)
+    assert 0.5 < gated.mean_executed < 1.0
+
+
+def test_window_attacker_realigns_where_the_point_attacker_is_desynchronised():
+    """A target MAC near the end of a 200-MAC neuron, half the MACs skipped: at its dense position the point
+    attacker almost never finds it (the executed MACs moved forward by ~100 samples); re-aligned by the trace's
+    duration, its position is known to ~2 samples, so the window attacker recovers it."""
+    from fxprune.passes.macprune_leakage import _profile_positions, linear_schedule, simulate_attack
+
+    sched = linear_schedule(200)
+    w = _int8_weights(3, (200,))
+    target = 190
+    w[target] = 101
+    slots = np.array([target])
+    a, b, half = _profile_positions(sched, slots, np.zeros(200, bool), 0.5, 512, np.random.default_rng(0),
+                                    True, 1.0, 0)
+    assert b[0] == pytest.approx(1.0, abs=0.1) and a[0] + 100 * b[0] == pytest.approx(95, abs=2)  # ~ N - 5
+    assert half[-1, 0] <= 3  # residual sd ~ sqrt(10 / 4)
+    _, _, half_start = _profile_positions(sched, slots, np.zeros(200, bool), 0.5, 512, np.random.default_rng(0),
+                                          False, 1.0, 0)
+    assert half_start[-1, 0] >= 5  # without re-alignment: sd ~ sqrt(190 / 4)
+    kw = dict(target=target, p=0.5, sigma=2.0, n_traces=3000, seed=0, timing="compact")
+    win = simulate_attack(w, sched, attacker="window", **kw)
+    point = simulate_attack(w, sched, attacker="cpa", **kw)
+    assert win.traces_needed is not None and win.rank[-1] == 1
+    assert point.traces_needed is None or point.traces_needed > 2 * win.traces_needed, (win, point)
+
+
+def test_window_attacker_options_are_checked():
+    from fxprune.passes.macprune_leakage import conv_schedule, simulate_attack
+
+    sched = conv_schedule((1, 8, 8), (3, 3), padding=(1, 1))
+    with pytest.raises(InputError, match="window_k"):
+        simulate_attack(_int8_weights(), sched, target=4, attacker="window", window_k=-1)
