@@ -238,6 +238,28 @@ def _diff(ref: Any, got: Any, rtol: float, atol: float) -> tuple[float, bool, tu
     return (float(d.max()) if d.size else 0.0), bool(bad.any()), first
 
 
+_NOISE_FACTOR = 4.0  # an ONNX float32 output may differ from torch by this many times torch's own float32 error
+
+
+def _float64_outputs(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The module's tensor outputs computed in float64 (a copy; float inputs upcast) as numpy arrays, or a
+    string saying why that was not possible (graphs with float32 constants or casts baked in, ...)."""
+    import copy
+
+    np = require("numpy")
+    try:
+        m64 = copy.deepcopy(module).double()
+        up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t  # noqa: E731
+        with torch.no_grad(), eval_mode(m64):
+            out = m64(*pytree.tree_map(up, args), **{k: pytree.tree_map(up, v) for k, v in kwargs.items()})
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.dtype != torch.float64 for t in outs if t.is_floating_point()):
+            return "the module does not compute in float64 throughout"
+        return [np.asarray(t.detach().cpu().numpy(), dtype=np.float64) for t in outs]
+    except Exception as e:  # noqa: BLE001 - best effort: the default tolerance stands
+        return _first_line(e)
+
+
 def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_inputs: Any, *,
                  atol: float | None = None, rtol: float = 0.0, seed: int = 0,
                  batch_sizes: Sequence[int] | None = None, threads: int = 1) -> ParityResult:
@@ -271,6 +293,7 @@ def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_input
     tol: dict[str, float] = {n: 0.0 for n in out_names}
     notes: list[str] = []
     checked: list[int] = []
+    f64: dict[int, Any] = {}
     for b in batch_sizes:
         seq = s0 + 2 if dyn_seq and s0 is not None and b != b0 else None
         fa, fk = _fresh_inputs(args, kwargs, b, dyn, gen, seq)
@@ -304,12 +327,34 @@ def check_parity(path: str | os.PathLike, module_or_compiled: Any, example_input
             ref_max = float(abs(finite).max()) if finite.size else 0.0
             a = atol if atol is not None else default_atol(rn.dtype, ref_max)
             d, bad, where = _diff(rnp, g, rtol, a)
+            if rnp.dtype.kind in "fc" and rnp.size > 1 and b == batch_sizes[0] \
+                    and (not finite.size or float(finite.max()) == float(finite.min())):
+                value = float(finite.max()) if finite.size else float("nan")
+                notes.append(f"output {name!r} is constant on random inputs ({value:.3g}): its parity says "
+                             f"nothing about the network (e.g. a zero-initialised classifier head)")
+            if bad and atol is None and rtol == 0.0 and rn.dtype == torch.float32:
+                if b not in f64:
+                    f64[b] = _float64_outputs(module, fa, fk)
+                ref64 = f64[b]
+                if isinstance(ref64, list) and i < len(ref64) and tuple(ref64[i].shape) == tuple(rnp.shape):
+                    noise = float(np.abs(rnp.astype(np.float64) - ref64[i]).max())
+                    a_noise = _NOISE_FACTOR * noise
+                    if a_noise > a:
+                        d, bad, where = _diff(rnp, g, 0.0, a_noise)
+                        notes.append(f"output {name!r} at batch {b}: max abs diff {d:.3g} is over the default "
+                                     f"tolerance {a:.3g}; torch's own float32 error on it (vs a float64 run) is "
+                                     f"{noise:.3g}, so the tolerance is {_NOISE_FACTOR:g}x that: {a_noise:.3g}"
+                                     f"{'' if not bad else ' (still exceeded)'}")
+                        a = a_noise
+                elif isinstance(ref64, str):
+                    notes.append(f"output {name!r}: float64 noise floor unavailable ({ref64})")
             worst[name] = max(worst[name], d)
             tol[name] = max(tol[name], a)
             if bad:
                 raise ExportError(
                     f"ONNX output {name!r} (output {i}) differs from torch: max abs diff {d:.4g} > tolerance "
-                    f"{a:.3g}{f' + {rtol:g}*|ref|' if rtol else ''} at batch {b} (first bad element {list(where)})",
+                    f"{a:.3g}{f' + {rtol:g}*|ref|' if rtol else ''} at batch {b} (first bad element {list(where)})"
+                    + (f"; {notes[-1]}" if notes and name in notes[-1] else ""),
                     fix="the exported graph computes something else; re-export, or check for ops whose ONNX "
                         "translation differs (and raise atol/rtol only if the difference is expected)")
         checked.append(b)
