@@ -755,6 +755,9 @@ def export(module_or_compiled: Any, example_inputs: tuple, path: str | os.PathLi
                 ) from e_dyn
 
     model = onnx.load(path)
+    if opset is not None and _opset(model) != int(opset):  # torch.onnx keeps its own opset when conversion fails
+        notes.append(f"opset {opset} was requested; the exporter wrote opset {_opset(model)} (its version "
+                     f"conversion to {opset} failed or is unsupported)")
     is_dynamic = _dynamic_batch_inputs(model)
     if dynamic_batch and not is_dynamic:
         msg = ("the module only exports with a static batch (dim 0 specialised to the example's size); the file "

@@ -241,3 +241,12 @@ def test_constant_output_is_noted(tmp_path):
     nn.init.zeros_(model[0].bias)
     res = fxonnx.export(model.eval(), (torch.randn(2, 4),), tmp_path / "zero.onnx")
     assert any("constant on random inputs" in n for n in res.notes)
+
+
+def test_requested_opset_that_was_not_written_is_noted(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxonnx.export(nn.Sequential(nn.Linear(4, 3)).eval(), (torch.randn(2, 4),), tmp_path / "o.onnx",
+                            opset=15)  # torch.onnx implements opset >= 18 and down-converts when it can
+    if res.opset != 15:
+        assert any("opset 15 was requested" in n for n in res.notes)
