@@ -1,20 +1,24 @@
 """MACPruning on Fashion-MNIST: accuracy vs p, first-layer MACs, and the simulated attack's mitigation ratio R.
 
 One small CNN (conv16-conv32-fc, raw [0, 1] pixels so that a skipped pixel is black) trained for ``--epochs`` on
-``--train-limit`` images, then gated with ``MACPruneGate`` (saliency importance from 512 training images):
+``--train-limit`` images, then gated with ``MACPruneGate`` (saliency importance from 512 training images), for
+``--seeds`` seeds (model init, data order, gate draws and fine-tuning all seeded):
 
-* accuracy vs p on ``--test-limit`` test images, for important fractions 0.1 / 0.3 / 0.5 (mean of 2 gate draws),
-  plus the ``"gradient"`` importance and a random important set at fraction 0.3 (why ``"saliency"`` is |x * grad|);
-* gate-aware fine-tuning (one epoch with the gate on, fraction 0.3): accuracy at p = 0.7 / 0.5 / 0.3;
-* masked-MAC form: MACs of the first conv counted by torch's FLOP counter, per p;
-* simulated CPA on output channel 0's largest weight (int8), ``fxprune.passes.macprune_leakage`` (Hamming-weight leakage,
-  sigma ``--sigma``, attacker-chosen random inputs): traces needed without the gate, and R = traces(gated) /
-  traces(ungated) for three settings: CPA on MACPruning's compacting schedule (the defence as designed), CPA on a
-  constant-time gate, and the Double Strike attacker (control-flow re-alignment, arXiv 2601.08698).
+* accuracy vs p on ``--test-limit`` test images before fine-tuning (important fractions 0.1 / 0.3 / 0.5 for the
+  first seed, ``--fraction`` for all; mean of 2 gate draws);
+* gate-aware fine-tuning (``--ft-epochs`` with the gate on at p, important ``--fraction``) at p = 0.9 / 0.7 / 0.5 /
+  0.3, accuracy with the gate at p and with it off; controls in the same run: the dense model and the dense model
+  trained for the same extra epochs without the gate; mean +- sd over seeds;
+* masked-MAC form: MACs of the first conv counted by torch's FLOP counter, per p (first seed);
+* simulated CPA on output channel 0's largest weight (int8) of the first seed's model,
+  ``fxprune.passes.macprune_leakage`` (Hamming-weight leakage, sigma ``--sigma``, attacker-chosen random inputs):
+  traces needed without the gate, and R = traces(gated) / traces(ungated) per p for the windowed, re-aligning CPA
+  (the reported attacker), the one-point-per-slot CPA, CPA on a constant-time gate and Double Strike; a row is
+  censored when any of the ``--repeats`` repeats hit the ``--traces`` cap.
 
 JSON in ``benchmarks/results/macprune_security.json``, plot ``benchmarks/results/macprune_security.png``.
 
-    .venv/bin/python benchmarks/macprune_security.py            # ~4 min on 2 shared cores
+    .venv/bin/python benchmarks/macprune_security.py            # ~25 min on 2 shared cores
 """
 from __future__ import annotations
 
