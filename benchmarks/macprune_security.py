@@ -18,7 +18,7 @@ One small CNN (conv16-conv32-fc, raw [0, 1] pixels so that a skipped pixel is bl
 
 JSON in ``benchmarks/results/macprune_security.json``, plot ``benchmarks/results/macprune_security.png``.
 
-    .venv/bin/python benchmarks/macprune_security.py            # ~25 min on 2 shared cores
+    .venv/bin/python benchmarks/macprune_security.py            # ~8 min on 2 shared cores (433 s recorded)
 """
 from __future__ import annotations
 
