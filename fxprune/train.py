@@ -337,12 +337,16 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[Any, Any], torch.Te
         lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
         regularizer: SparsityRegularizer | None = None,
         distiller: nn.Module | None = None, batchnorm: bool = True, max_steps: int | None = None, seed: int = 0,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        scheduler: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """A minimal training loop (examples and benchmarks use it; any loop of your own works the same way).
 
     ``data`` yields ``(inputs, targets)`` (``inputs`` a tensor or a tuple of forward args). With a ``distiller``
     (``fxprune.distill``) the student forward goes through it and its loss is added. With a ``regularizer``,
     ``regularizer.step(epoch)`` is called each epoch (and ``update_grads``/``loss`` used per its mode).
+    ``scheduler``: a learning-rate scheduler of ``optimizer``, stepped after every optimizer step (size it in steps,
+    e.g. ``CosineAnnealingLR(opt, T_max=epochs * len(data))``). Without ``optimizer``, Adam at ``lr``: the pruning
+    papers train with SGD (momentum 0.9), under which the regularizer's ``s * sign(gamma)`` acts as an L1 step; Adam
+    divides it by the running gradient magnitude (see docs/training.md).
     Returns ``{"losses": [mean loss per epoch], "steps": n}``.
     """
     torch.manual_seed(seed)
@@ -374,6 +378,8 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[Any, Any], torch.Te
                 if regularizer is not None and regularizer.mode == "grad":
                     regularizer.update_grads()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 total += float(loss.detach())
                 count += 1
                 steps += 1

@@ -194,3 +194,54 @@ def test_prunable_gammas_ignore():
     gs = fxprune.analyze(m, x)
     assert "a.1.weight" not in prunable_gammas(gs, ignore=["a"])
     assert "a.1.weight" in prunable_gammas(gs)
+
+
+def _zero_task_loss(out, y):
+    return out.sum() * 0.0  # the gammas get no task gradient: only the regularizer moves them
+
+
+def test_l1_step_is_exact_under_plain_sgd():
+    """Under SGD the added ``s * sign(gamma)`` is an L1 subgradient step: every regularized gamma moves towards 0 by
+    exactly ``lr * s`` per step (the authors' updateBN), whatever its size."""
+    m, x = make()
+    reg = SparsityRegularizer(m, example_inputs=x, s=1e-2)
+    with torch.no_grad():
+        for p in reg.params.values():
+            p.copy_(torch.linspace(-1.0, 1.5, p.numel()).reshape(p.shape))
+            p[p.abs() < 0.2] = 0.5
+    before = {n: p.detach().clone() for n, p in reg.params.items()}
+    fit(m, data(10), _zero_task_loss, epochs=1, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), regularizer=reg)
+    reg.detach()
+    for n, p in reg.params.items():
+        moved = before[n].abs() - p.detach().abs()
+        assert torch.allclose(moved, torch.full_like(moved, 10 * 0.1 * 1e-2), atol=1e-6), n
+
+
+def test_l1_step_under_sgd_momentum_and_adam():
+    """With momentum 0.9 the L1 step grows to ``lr * s / (1 - 0.9)`` per step and scales with s; Adam divides the
+    sign term by its own running magnitude, so a gamma moves ~``lr`` per step whatever s is (not an L1 step)."""
+    moved = {}
+    for opt_name in ("sgd", "adam"):
+        for s in (1e-3, 1e-2):
+            m, x = make()
+            reg = SparsityRegularizer(m, example_inputs=x, s=s)
+            g0 = reg.gammas().clone()
+            opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) if opt_name == "sgd"
+                   else torch.optim.Adam(m.parameters(), lr=1e-3))
+            fit(m, data(20), _zero_task_loss, epochs=1, optimizer=opt, regularizer=reg)
+            reg.detach()
+            moved[opt_name, s] = float((g0 - reg.gammas()).mean())
+    k, m_ = 20, 0.9
+    expect = sum((1 - m_ ** j) / (1 - m_) for j in range(1, k + 1))  # heavy-ball partial sums
+    assert moved["sgd", 1e-3] == pytest.approx(0.1 * 1e-3 * expect, rel=1e-4)
+    assert moved["sgd", 1e-2] == pytest.approx(10 * moved["sgd", 1e-3], rel=1e-4)
+    assert moved["adam", 1e-3] == pytest.approx(20 * 1e-3, rel=1e-3)
+    assert moved["adam", 1e-2] == pytest.approx(moved["adam", 1e-3], rel=1e-3)
+
+
+def test_fit_steps_the_scheduler_per_optimizer_step():
+    m, _ = make()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    hist = fit(m, data(6), F.cross_entropy, epochs=2, optimizer=opt, scheduler=sch)
+    assert hist["steps"] == 12 and opt.param_groups[0]["lr"] == pytest.approx(0.1 / 13)
