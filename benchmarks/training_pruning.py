@@ -1,37 +1,48 @@
-"""Training-time channel pruning on Fashion-MNIST, one run, the same epoch budget for every row.
+"""Training-time channel pruning on Fashion-MNIST at equal MACs, SGD at the papers' sparsity rates, several seeds.
 
-Rows (a ~100k-parameter CNN, ``examples/fashion_mnist_pipeline.py``; budget = ``--epochs`` of training then
-``--ft-epochs`` of fine-tuning, or ``epochs + ft_epochs`` of plain training for the dense row):
+The recipe under test (YOLOv8 pipeline, arXiv 2509.12918; network slimming, arXiv 1708.06519): sparsity training
+with an L1 penalty on the BatchNorm gammas (``SparsityRegularizer``: ``s * sign(gamma)`` added to the gamma's
+gradient, as the authors' ``updateBN``), BN-scale channel pruning (``BNScalePrune(scope="global")``: one |gamma|
+threshold, network slimming), then fine-tuning with channel-wise distillation (``ChannelWiseLoss``) from the
+**dense** model (trained without sparsity, the papers' teacher). Rows, per seed, all from the same initialisation
+and data order, every pruned row at >= ``--macs-removed`` of the dense MACs (the compile report's count):
 
-* dense
-* magnitude pruning (L2, 50% of the channels of every layer) + plain fine-tune      (the baseline to beat)
-* BN-scale pruning (50% per layer), no sparse training, + plain fine-tune
-* sparse training -> BN-scale pruning (50% per layer) -> plain fine-tune / SAD / CWD
-* YOLOv4 recipe: dynamic sparse training (variable rate) -> group channel pruning (auto partitions) -> SAD
+* ``dense``: ``--epochs`` of plain training + ``--ft-epochs`` more at the fine-tuning rate (the same budget).
+  The model after ``--epochs`` is the teacher of every distilled row.
+* ``l1``: L1-norm filter pruning of the dense model (``ChannelPrune(target_macs, importance="l1")``) + plain
+  fine-tune (the baseline to beat).
+* ``l1+cwd``: the same pruned model, fine-tuned with the same CWD from the same teacher (separates the effect of
+  distillation from that of sparsity training).
+* ``bn_dense+cwd``: BN-scale pruning of the dense model (no sparsity training) + CWD.
+* ``sparse+bn``: sparsity training (``--schedule``, rate ``--s``) -> BN-scale pruning -> plain fine-tune.
+* ``sparse+bn+cwd``: the recipe.
+* ``yolov4``: dynamic sparse training (``schedule="variable"``) -> ``GroupChannelPrune("auto")`` with per-stride
+  quantiles scaled to the MACs budget -> spatial attention distillation (``SpatialAttentionLoss``) from the dense
+  teacher.
 
-``--macs-removed F`` prunes to a MACs budget instead of a per-layer channel ratio: the magnitude and BN-scale rows
-select channels with ``ChannelPrune(target_macs=1 - F, importance="l2" / "bn_scale", scope=--scope)`` (the same
-scope for both, global by default: one threshold over the per-group-mean-normalised scores, at most 90% of a group
-removed), and the YOLOv4 row scales its per-partition quantiles (0.4 / 0.5 / 0.6) by the smallest common factor
-that removes F of the MACs. Every pruned row removes at least F of the MACs as counted by the compile report.
+Optimiser everywhere: SGD, momentum 0.9, weight decay ``--wd``, cosine learning rate per step (``--lr`` for
+training, ``--ft-lr`` for fine-tuning), batch 64. With SGD the added ``s * sign(gamma)`` is an L1 (sub)gradient
+step: a gamma the task does not hold up moves towards 0 by ``lr * s / (1 - momentum)`` per step.
 
-Accuracy on the full 10k test split, MACs from the compile report. JSON in
-``benchmarks/results/training_pruning.json`` (``training_pruning_macs<100F>.json`` with ``--macs-removed``).
+Accuracy on the full 10k test split; mean and sample standard deviation over the seeds. JSON:
+``benchmarks/results/training_pruning.json``.
 
-    .venv/bin/python benchmarks/training_pruning.py                      # ~13 min on one busy core
-    .venv/bin/python benchmarks/training_pruning.py --macs-removed 0.5   # 50% of the MACs instead of the channels
-    .venv/bin/python benchmarks/training_pruning.py --train-limit 10000  # quicker, less accurate
+    .venv/bin/python benchmarks/training_pruning.py                        # the recorded run (~45 min, 2 threads)
+    .venv/bin/python benchmarks/training_pruning.py --train-limit 2000 --epochs 1 --ft-epochs 1 --seeds 0  # smoke
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,53 +52,56 @@ sys.path.insert(0, str(ROOT / "examples"))
 import fashion_mnist_pipeline as fm  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.distill import ChannelWiseLoss, SpatialAttentionLoss  # noqa: E402
 from fxprune.passes import ChannelPrune, Shrink  # noqa: E402
 from fxprune.passes.bn_absorb import AbsorbBNShift  # noqa: E402
-from fxprune.passes.bn_prune import GroupChannelPrune  # noqa: E402
-from fxprune.train import accuracy  # noqa: E402
+from fxprune.passes.bn_prune import BNScalePrune, GroupChannelPrune  # noqa: E402
+from fxprune.train import SparsityRegularizer, accuracy, fit  # noqa: E402
 
 YOLOV4_QUANTILES = {"s1/*": 0.4, "s2/*": 0.5, "s4/*": 0.6}
+ROWS = {
+    "dense": "dense (teacher + the same extra epochs)",
+    "l1": "L1-norm prune (dense) + fine-tune",
+    "l1+cwd": "L1-norm prune (dense) + CWD fine-tune",
+    "bn_dense+cwd": "BN-scale prune (dense, no sparsity training) + CWD fine-tune",
+    "sparse+bn": "sparsity training + BN-scale prune + fine-tune",
+    "sparse+bn+cwd": "sparsity training + BN-scale prune + CWD fine-tune (YOLOv8 recipe)",
+    "yolov4": "dynamic sparsity training + group channel prune + SAD (YOLOv4 recipe)",
+}
 
 
 def removed_fraction(out) -> float:
     return 1 - out.report.macs_after / out.report.macs_before
 
 
-def prune_to_macs(model, example, method: str, macs_removed: float, scope: str, seed: int):
-    """ChannelPrune to a MACs budget (l2 for "magnitude", BN |gamma| + AbsorbBNShift for "bn_scale").
+def sgd(params, lr: float, wd: float, steps: int):
+    opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=0.9, weight_decay=wd)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
 
-    ChannelPrune meets ``target_macs`` on its analytic MACs model; should the compile report count slightly more,
-    the target is lowered in 0.25% steps until the report shows at least ``macs_removed`` removed."""
+
+def l1_prune(model, example, macs_removed: float, scope: str, seed: int):
+    """ChannelPrune(importance="l1") to a MACs budget; the target is lowered in 0.25% steps should the compile
+    report count fewer MACs removed than asked."""
     target = 1.0 - macs_removed
     for _ in range(40):
-        if method == "magnitude":
-            passes = [ChannelPrune(target_macs=target, importance="l2", scope=scope), Shrink()]
-        elif method == "bn_scale":
-            passes = [ChannelPrune(target_macs=target, importance="bn_scale", scope=scope), AbsorbBNShift(), Shrink()]
-        else:
-            raise ValueError(method)
-        out = fxprune.compile(model, (example,), passes=passes, seed=seed)
+        out = fxprune.compile(model, (example,), seed=seed,
+                              passes=[ChannelPrune(target_macs=target, importance="l1", scope=scope), Shrink()])
         if removed_fraction(out) >= macs_removed - 1e-12:
-            return out, target
+            return out, {"pass": "ChannelPrune", "importance": "l1", "scope": scope, "target_macs": round(target, 4)}
         target -= 0.0025
-    raise RuntimeError(f"{method}: could not reach {macs_removed:.0%} MACs removed")
+    raise RuntimeError(f"l1: could not reach {macs_removed:.0%} MACs removed")
 
 
-def group_prune_to_macs(model, example, macs_removed: float, seed: int):
-    """The YOLOv4 row's GroupChannelPrune with its quantiles scaled by the smallest factor k (bisection) that
-    removes at least ``macs_removed`` of the MACs (the report's count)."""
-    def at(k: float):
-        q = {p: min(0.999, v * k) for p, v in YOLOV4_QUANTILES.items()}
-        return fxprune.compile(model, (example,), seed=seed, passes=[
-            GroupChannelPrune("auto", q, min_channels=4), AbsorbBNShift(), Shrink()]), q
-
-    lo, hi = 0.0, 0.999 / max(YOLOV4_QUANTILES.values())
-    best = at(hi)
-    if removed_fraction(best[0]) < macs_removed:
-        return best  # cannot reach it: the caller reports the achieved fraction
-    for _ in range(14):
+def bisect(build, hi: float, macs_removed: float, iters: int = 11):
+    """Smallest knob k in [0, hi] (bisection) whose compile removes >= macs_removed of the MACs."""
+    lo, best = 0.0, None
+    cand = build(hi)
+    if removed_fraction(cand[0]) < macs_removed:
+        raise RuntimeError(f"cannot remove {macs_removed:.0%} of the MACs (at most {removed_fraction(cand[0]):.1%})")
+    best = cand
+    for _ in range(iters):
         mid = (lo + hi) / 2
-        cand = at(mid)
+        cand = build(mid)
         if removed_fraction(cand[0]) >= macs_removed:
             hi, best = mid, cand
         else:
@@ -95,170 +109,237 @@ def group_prune_to_macs(model, example, macs_removed: float, seed: int):
     return best
 
 
+def bn_prune(model, example, macs_removed: float, seed: int):
+    """BNScalePrune(ratio, scope="global") with the smallest channel ratio that removes the MACs budget."""
+    def build(r):
+        out = fxprune.compile(model, (example,), seed=seed,
+                              passes=[BNScalePrune(r, scope="global"), AbsorbBNShift(), Shrink()])
+        return out, {"pass": "BNScalePrune", "scope": "global", "ratio": round(r, 4)}
+    return bisect(build, 0.95, macs_removed)
+
+
+def group_prune(model, example, macs_removed: float, seed: int):
+    """GroupChannelPrune("auto") with YOLOV4_QUANTILES scaled by the smallest common factor reaching the budget."""
+    def build(k):
+        q = {p: min(0.999, v * k) for p, v in YOLOV4_QUANTILES.items()}
+        out = fxprune.compile(model, (example,), seed=seed,
+                              passes=[GroupChannelPrune("auto", q, min_channels=2), AbsorbBNShift(), Shrink()])
+        return out, {"pass": "GroupChannelPrune", "quantiles": {p: round(v, 4) for p, v in q.items()}}
+    return bisect(build, 0.999 / max(YOLOV4_QUANTILES.values()), macs_removed)
+
+
+def gamma_stats(model, example) -> dict:
+    """|gamma| statistics of the prunable BNs (the regularized positions) and a log10 histogram."""
+    reg = SparsityRegularizer(fm.graph_view(model, example), module=model, s=0.0, mode="loss")
+    g = reg.gammas().numpy()
+    edges = [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, math.inf]
+    hist = np.histogram(g, bins=edges)[0]
+    return {"channels": int(g.size), "frac_below_1e-2": round(float((g < 1e-2).mean()), 4),
+            "frac_below_1e-3": round(float((g < 1e-3).mean()), 4),
+            "quantiles": {str(q): round(float(np.quantile(g, q)), 5) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+            "max": round(float(g.max()), 4),
+            "histogram": {f"[{lo:g}, {hi:g})": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], hist)}}
+
+
+def removed_gammas(model, out) -> dict:
+    """Largest |gamma| removed and smallest kept, over every BN channel of the pruned groups (raw, per BN)."""
+    sel = next(h["stats"] for h in out.report.passes if h["pass"] == "absorb_bn_shift")
+    kept = {n: p.shape[0] for n, p in out.module.named_parameters() if n.endswith(".weight") and p.dim() == 1}
+    removed_max = sel.get("max_removed_gamma")
+    return {"max_removed_gamma": None if removed_max is None else round(float(removed_max), 5),
+            "absorb_max_change": sel.get("max_change"), "absorb_max_change_without": sel.get("max_change_without"),
+            "bn_widths": kept}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-limit", type=int, default=None, help="training images (default: all 60000)")
-    ap.add_argument("--epochs", type=int, default=2, help="training epochs before pruning")
-    ap.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs after pruning")
-    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per layer")
-    ap.add_argument("--macs-removed", type=float, default=None,
-                    help="prune to this fraction of the dense MACs removed instead of --ratio per layer (e.g. 0.5)")
-    ap.add_argument("--scope", choices=("global", "local"), default="global",
-                    help="with --macs-removed: ChannelPrune scope of the magnitude and BN-scale rows (same for both)")
-    ap.add_argument("--s", type=float, default=3e-2, help="sparsity rate (L1 on BN gammas)")
-    ap.add_argument("--opt", choices=("adam", "sgd"), default="adam")
-    ap.add_argument("--lr", type=float, default=2e-3, help="training learning rate")
-    ap.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning learning rate")
-    ap.add_argument("--sad-beta", type=float, default=100.0)
-    ap.add_argument("--cwd-weight", type=float, default=1.0)
+    ap.add_argument("--train-limit", type=int, default=20000, help="training images (of 60000)")
+    ap.add_argument("--epochs", type=int, default=8, help="(sparsity) training epochs before pruning")
+    ap.add_argument("--ft-epochs", type=int, default=2, help="fine-tuning epochs after pruning")
+    ap.add_argument("--macs-removed", type=float, default=0.5, help="fraction of the dense MACs every pruned row "
+                                                                     "removes (at least)")
+    ap.add_argument("--scope", choices=("global", "local"), default="global", help="ChannelPrune scope of the L1 rows")
+    ap.add_argument("--s", type=float, default=1e-3, help="sparsity rate (L1 on BN gammas)")
+    ap.add_argument("--schedule", default="constant", help="SparsityRegularizer schedule of the sparse rows")
+    ap.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine to 0) for training")
+    ap.add_argument("--ft-lr", type=float, default=0.01, help="SGD learning rate (cosine to 0) for fine-tuning")
+    ap.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--cwd-weight", type=float, default=3.0)
     ap.add_argument("--tau", type=float, default=4.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_pruning.json, or "
-                    "training_pruning_macs<100F>.json with --macs-removed)")
+    ap.add_argument("--sad-beta", type=float, default=100.0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training_pruning.json"))
     a = ap.parse_args(argv)
-    if a.macs_removed is not None and not 0 < a.macs_removed < 1:
-        ap.error("--macs-removed must be in (0, 1)")
-    if a.out is None:
-        stem = "training_pruning" if a.macs_removed is None else f"training_pruning_macs{round(100 * a.macs_removed)}"
-        a.out = str(ROOT / "benchmarks" / "results" / f"{stem}.json")
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    train, test = fm.data(a.train_limit, None, seed=a.seed)
-    example = next(iter(test))[0][:2]
-    rows: list[dict] = []
-    budget = a.epochs + a.ft_epochs
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
 
-    def prune(model, method: str):
-        """Per-layer channel ratio (the default), or a MACs budget with --macs-removed."""
-        if a.macs_removed is None:
-            return fm.prune(model, example, method, a.ratio, a.seed), {}
-        out, target = prune_to_macs(model, example, method, a.macs_removed, a.scope, a.seed)
-        stats = next(h["stats"] for h in out.report.passes if h["pass"] == "channel_prune")
-        return out, {"selection": {"pass": "ChannelPrune", "importance": "l2" if method == "magnitude" else
-                                   "bn_scale", "scope": a.scope, "target_macs": round(target, 4),
-                                   "ratio": stats["ratio"], "channels_removed": stats["channels_removed"]}}
+    per_seed = []
+    for seed in a.seeds:
+        train, test = fm.data(a.train_limit, None, batch=a.batch, seed=seed)
+        example = next(iter(test))[0][:2]
+        steps, ft_steps = a.epochs * len(train), a.ft_epochs * len(train)
+        rows: dict[str, dict] = {}
+        gammas: dict[str, dict] = {}
 
-    def row(name: str, module, report=None, **extra) -> None:
-        acc = accuracy(module, test)
-        r = {"name": name, "accuracy": round(100 * acc, 2),
-             "macs": report.macs_after if report is not None else dense_macs,
-             "params": report.params_after if report is not None else dense_params, **extra}
-        r["macs_per_image"] = r["macs"] // example.shape[0]  # the report counts the 2-image example batch
-        r["macs_removed_pct"] = round(100 * (1 - r["macs"] / dense_macs), 1)
-        r["macs_removed_exact_pct"] = round(100 * (1 - r["macs"] / dense_macs), 3)
-        r["conv_out_channels"] = {n.removesuffix(".weight"): p.shape[0] for n, p in module.named_parameters()
-                                  if p.dim() == 4}
-        rows.append(r)
-        log(f"{name}: acc {r['accuracy']:.2f}%  MACs {r['macs']:,} (-{r['macs_removed_pct']}%)")
+        def train_from(init, reg_schedule=None, trajectory=None):
+            model = copy.deepcopy(init)
+            reg = None
+            if reg_schedule is not None:
+                reg = SparsityRegularizer(fm.graph_view(model, example), module=model, s=a.s, schedule=reg_schedule,
+                                          epochs=a.epochs)
 
-    # plain training (shared by the dense row and the no-sparse-training rows)
-    torch.manual_seed(a.seed)
-    init = fm.SmallCNN()
-    plain = copy.deepcopy(init)
-    fm.train_model(plain, train, a.epochs, seed=a.seed, opt=a.opt, lr=a.lr)
-    ref, sel = prune(plain, "magnitude")
-    dense_macs, dense_params = ref.report.macs_before, ref.report.params_before
-    dense = copy.deepcopy(plain)
-    fm.fit(dense, train, fm.ce, epochs=a.ft_epochs, optimizer=fm.optimizer(dense.parameters(), a.opt, a.ft_lr),
-           seed=a.seed)  # the same budget: + ft epochs
-    row("dense", dense, epochs=budget)
+            def per_epoch(msg):  # fit logs once per epoch: record the gamma distribution
+                if reg is not None and trajectory is not None:
+                    g = reg.gammas()
+                    trajectory.append({"frac_below_1e-2": round(float((g < 1e-2).float().mean()), 4),
+                                       "median": round(float(g.median()), 4),
+                                       "q10": round(float(torch.quantile(g, 0.1)), 4)})
+            opt, sch = sgd(model.parameters(), a.lr, a.wd, steps)
+            fit(model, train, fm.ce, epochs=a.epochs, optimizer=opt, scheduler=sch, regularizer=reg, seed=seed,
+                log=per_epoch)
+            if reg is not None:
+                reg.detach()
+            return model
 
-    out = ref
-    acc0 = accuracy(out.module, test)
-    fm.finetune(plain, out.module, train, a.ft_epochs, seed=a.seed, opt=a.opt, lr=a.ft_lr)
-    row("magnitude L2 prune + fine-tune", out.module, out.report, acc_before_ft=round(100 * acc0, 2),
-        epochs=budget, **sel)
+        def finetune(student, distill=None):
+            d = None
+            if distill == "cwd":
+                d = ChannelWiseLoss(teacher, student, taps=fm.TAPS, tau=a.tau, weight=a.cwd_weight, seed=seed)
+            elif distill == "sad":
+                d = SpatialAttentionLoss(teacher, student, taps=fm.TAPS, betas=a.sad_beta)
+            params = list(student.parameters()) + (list(d.parameters()) if d is not None else [])
+            opt, sch = sgd(params, a.ft_lr, a.wd, ft_steps)
+            fit(student, train, fm.ce, epochs=a.ft_epochs, optimizer=opt, scheduler=sch, distiller=d, seed=seed)
+            return student
 
-    out, sel = prune(plain, "bn_scale")
-    acc0 = accuracy(out.module, test)
-    fm.finetune(plain, out.module, train, a.ft_epochs, seed=a.seed, opt=a.opt, lr=a.ft_lr)
-    row("BN-scale prune (no sparse training) + fine-tune", out.module, out.report,
-        acc_before_ft=round(100 * acc0, 2), epochs=budget, **sel)
+        def row(key, module, out=None, **extra):
+            acc = round(100 * accuracy(module, test), 2)
+            r = {"accuracy": acc, **extra}
+            if out is not None:
+                r["macs_removed_pct"] = round(100 * removed_fraction(out), 2)
+                r["macs_per_image"] = out.report.macs_after // example.shape[0]
+                r["params"] = out.report.params_after
+            rows[key] = r
+            log(f"seed {seed} {key}: {acc:.2f}%" + (f" (-{r['macs_removed_pct']}% MACs, before fine-tune "
+                                                     f"{extra.get('acc_before_ft')}%)" if out is not None else ""))
 
-    # sparse training (YOLOv8 schedule), then three fine-tunes of the same pruned model
-    sparse = copy.deepcopy(init)
-    view = fm.graph_view(sparse, example)
-    hist = fm.train_model(sparse, train, a.epochs, sparse="decay", s=a.s, seed=a.seed, view=view, opt=a.opt,
-                          lr=a.lr)
-    acc_sparse = accuracy(sparse, test)
-    log(f"sparse-trained (unpruned): acc {100 * acc_sparse:.2f}%, gammas {hist['gammas']}")
-    out, sel = prune(sparse, "bn_scale")
-    absorb = next(h["stats"] for h in out.report.passes if h["pass"] == "absorb_bn_shift")
-    acc0 = accuracy(out.module, test)
-    for distill in (None, "sad", "cwd"):
-        student = copy.deepcopy(out.module)
-        fm.finetune(view, student, train, a.ft_epochs, distill=distill, seed=a.seed, tau=a.tau,
-                    cwd_weight=a.cwd_weight, sad_beta=a.sad_beta, opt=a.opt, lr=a.ft_lr)
-        label = {None: "plain fine-tune", "sad": "SAD fine-tune", "cwd": "CWD fine-tune"}[distill]
-        row(f"sparse training + BN-scale prune + {label}", student, out.report, acc_before_ft=round(100 * acc0, 2),
-            teacher_accuracy=round(100 * acc_sparse, 2), epochs=budget,
-            absorb={"max_change": absorb.get("max_change"), "max_change_without": absorb.get("max_change_without"),
-                    "max_removed_gamma": absorb["max_removed_gamma"]}, **sel)
+        torch.manual_seed(seed)
+        init = fm.SmallCNN()
+        dense = train_from(init)
+        teacher_acc = round(100 * accuracy(dense, test), 2)
+        teacher = fm.graph_view(dense, example)  # frozen from here on: the teacher of every distilled row
+        gammas["dense"] = gamma_stats(dense, example)
+        log(f"seed {seed} dense teacher ({a.epochs} epochs): {teacher_acc}%, gammas < 1e-2: "
+            f"{gammas['dense']['frac_below_1e-2']}")
+        if "dense" in a.rows:
+            extra = finetune(copy.deepcopy(dense))
+            row("dense", extra, teacher_accuracy=teacher_acc)
+            rows["dense"]["macs_per_image"] = None
+        if "l1" in a.rows or "l1+cwd" in a.rows:
+            out, sel = l1_prune(dense, example, a.macs_removed, a.scope, seed)
+            acc0 = round(100 * accuracy(out.module, test), 2)
+            for key, dist in (("l1", None), ("l1+cwd", "cwd")):
+                if key in a.rows:
+                    row(key, finetune(copy.deepcopy(out.module), dist), out, acc_before_ft=acc0, selection=sel)
+        if "bn_dense+cwd" in a.rows:
+            out, sel = bn_prune(dense, example, a.macs_removed, seed)
+            acc0 = round(100 * accuracy(out.module, test), 2)
+            row("bn_dense+cwd", finetune(copy.deepcopy(out.module), "cwd"), out, acc_before_ft=acc0, selection=sel,
+                **removed_gammas(dense, out))
+        if "sparse+bn" in a.rows or "sparse+bn+cwd" in a.rows:
+            traj: list = []
+            sparse = train_from(init, a.schedule, traj)
+            sparse_acc = round(100 * accuracy(sparse, test), 2)
+            gammas["sparse"] = gamma_stats(sparse, example)
+            gammas["sparse"]["per_epoch"] = traj
+            log(f"seed {seed} sparse-trained: {sparse_acc}%, gammas {gammas['sparse']}")
+            out, sel = bn_prune(sparse, example, a.macs_removed, seed)
+            acc0 = round(100 * accuracy(out.module, test), 2)
+            rg = removed_gammas(sparse, out)
+            log(f"seed {seed} BN-scale prune of the sparse model: {sel}, before fine-tune {acc0}%, {rg}")
+            for key, dist in (("sparse+bn", None), ("sparse+bn+cwd", "cwd")):
+                if key in a.rows:
+                    row(key, finetune(copy.deepcopy(out.module), dist), out, acc_before_ft=acc0, selection=sel,
+                        sparse_accuracy=sparse_acc, **rg)
+        if "yolov4" in a.rows:
+            sparse4 = train_from(init, "variable")
+            sparse4_acc = round(100 * accuracy(sparse4, test), 2)
+            gammas["sparse_variable"] = gamma_stats(sparse4, example)
+            log(f"seed {seed} variable-rate sparse-trained: {sparse4_acc}%, gammas < 1e-2: "
+                f"{gammas['sparse_variable']['frac_below_1e-2']}")
+            out, sel = group_prune(sparse4, example, a.macs_removed, seed)
+            acc0 = round(100 * accuracy(out.module, test), 2)
+            row("yolov4", finetune(copy.deepcopy(out.module), "sad"), out, acc_before_ft=acc0, selection=sel,
+                sparse_accuracy=sparse4_acc, **removed_gammas(sparse4, out))
+        per_seed.append({"seed": seed, "teacher_accuracy": teacher_acc, "gammas": gammas, "rows": rows})
+        log(f"seed {seed} done")
 
-    # the YOLOv4 recipe end to end
-    sparse4 = copy.deepcopy(init)
-    view4 = fm.graph_view(sparse4, example)
-    fm.train_model(sparse4, train, a.epochs, sparse="variable", s=a.s, seed=a.seed, view=view4, opt=a.opt,
-                   lr=a.lr)
-    acc_sparse4 = accuracy(sparse4, test)
-    if a.macs_removed is None:
-        quantiles = YOLOV4_QUANTILES
-        out = fm.prune(sparse4, example, "group", seed=a.seed, quantiles=quantiles)
-    else:
-        out, quantiles = group_prune_to_macs(sparse4, example, a.macs_removed, a.seed)
-    parts = next(h["stats"]["partitions"] for h in out.report.passes if h["pass"] == "group_channel_prune")
-    acc0 = accuracy(out.module, test)
-    fm.finetune(view4, out.module, train, a.ft_epochs, distill="sad", seed=a.seed, sad_beta=a.sad_beta,
-                opt=a.opt, lr=a.ft_lr)
-    row("dynamic sparse training + group channel prune + SAD (YOLOv4 recipe)", out.module, out.report,
-        acc_before_ft=round(100 * acc0, 2), teacher_accuracy=round(100 * acc_sparse4, 2), epochs=budget,
-        quantiles={k: round(v, 4) for k, v in quantiles.items()},
-        partitions={k: {"quantile": v["quantile"], "ratio": round(v["ratio"], 3), "groups": len(v["groups"])}
-                    for k, v in parts.items()})
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
+        return {"mean": round(statistics.mean(vals), 3),
+                "sd": round(statistics.stdev(vals), 3) if len(vals) > 1 else None, "n": len(vals)}
 
-    dense_acc = rows[0]["accuracy"]
-    mag = rows[1]["accuracy"]
-    best = max(rows[4:6], key=lambda r: r["accuracy"])
-    goals = {
-        "sparse+distillation within 1 point of dense": {
-            "SAD": round(dense_acc - rows[4]["accuracy"], 2) <= 1.0, "CWD": round(dense_acc - rows[5]["accuracy"], 2)
-            <= 1.0, "gap_SAD": round(dense_acc - rows[4]["accuracy"], 2),
-            "gap_CWD": round(dense_acc - rows[5]["accuracy"], 2)},
-        ">= 50% MACs removed": all(r["macs"] <= 0.5 * dense_macs for r in rows[3:6]),
-        "beats magnitude + fine-tune": {"SAD": rows[4]["accuracy"] > mag, "CWD": rows[5]["accuracy"] > mag},
-        "best_distilled": best["name"],
-    }
+    summary = {}
+    for key in ROWS:
+        rs = [s["rows"][key] for s in per_seed if key in s["rows"]]
+        if not rs:
+            continue
+        summary[key] = {"name": ROWS[key], "accuracy": ms([r["accuracy"] for r in rs]),
+                        "acc_before_ft": ms([r.get("acc_before_ft") for r in rs]),
+                        "macs_removed_pct": ms([r.get("macs_removed_pct") for r in rs]),
+                        "max_removed_gamma": ms([r.get("max_removed_gamma") for r in rs])}
+    gsum = {k: {"frac_below_1e-2": ms([s["gammas"][k]["frac_below_1e-2"] for s in per_seed if k in s["gammas"]])}
+            for k in ("dense", "sparse", "sparse_variable")}
+    diffs = {}
+    if "sparse+bn+cwd" in summary:
+        for base in ("l1", "l1+cwd", "bn_dense+cwd", "sparse+bn"):
+            if base in summary:
+                d = [s["rows"]["sparse+bn+cwd"]["accuracy"] - s["rows"][base]["accuracy"] for s in per_seed]
+                diffs[f"sparse+bn+cwd - {base}"] = ms(d)
     result = {
-        "benchmark": "training_pruning", "dataset": "Fashion-MNIST", "train_images": len(train.dataset),
-        "test_images": len(test.dataset), "model": "SmallCNN (examples/fashion_mnist_pipeline.py)",
-        "dense_params": dense_params, "dense_macs": dense_macs,
-        "settings": {"epochs": a.epochs, "ft_epochs": a.ft_epochs,
-                     **({"ratio": a.ratio} if a.macs_removed is None else
-                        {"macs_removed": a.macs_removed, "scope": a.scope}), "s": a.s,
-                     "sad_beta": a.sad_beta, "cwd_weight": a.cwd_weight, "tau": a.tau, "seed": a.seed,
-                     "optimizer": f"{a.opt} lr {a.lr} (training), {a.ft_lr} (fine-tune), batch 128",
-                     "taps": fm.TAPS},
-        "rows": rows, "goals": goals,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
+        "benchmark": "training_pruning", "dataset": "Fashion-MNIST",
+        "train_images": a.train_limit, "test_images": 10000, "model": "SmallCNN (examples/fashion_mnist_pipeline.py)",
+        "settings": {k: v for k, v in vars(a).items() if k not in ("out",)},
+        "optimizer": f"SGD momentum 0.9, weight decay {a.wd}, cosine lr per step from {a.lr} (training) / "
+                     f"{a.ft_lr} (fine-tune), batch {a.batch}", "taps": fm.TAPS,
+        "summary": summary, "gamma_summary": gsum, "paired_differences": diffs, "per_seed": per_seed,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": a.threads,
                     "cpu": platform.processor() or platform.machine()},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    Path(a.out).write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
     print(f"wrote {a.out}")
     return result
 
 
 def table(result: dict) -> str:
-    lines = [f"| pipeline ({result['settings']['epochs']}+{result['settings']['ft_epochs']} epochs) | top-1 % | "
-             f"before FT % | MACs / image | MACs removed |", "|---|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['accuracy']:.2f} | {r.get('acc_before_ft', '')} | {r['macs_per_image']:,} | "
-                     f"{r['macs_removed_pct']}% |")
+    def f(m):
+        if m is None:
+            return ""
+        return f"{m['mean']:.2f}" + (f" ± {m['sd']:.2f}" if m.get("sd") is not None else "")
+
+    st = result["settings"]
+    lines = [f"| pipeline ({st['epochs']}+{st['ft_epochs']} epochs, {len(st['seeds'])} seeds) | top-1 % | "
+             "before FT % | MACs removed % | largest removed gamma |", "|---|---:|---:|---:|---:|"]
+    for key, s in result["summary"].items():
+        lines.append(f"| {s['name']} | {f(s['accuracy'])} | {f(s['acc_before_ft'])} | {f(s['macs_removed_pct'])} | "
+                     f"{f(s['max_removed_gamma'])} |")
+    lines.append("")
+    for k, v in result["gamma_summary"].items():
+        if v["frac_below_1e-2"] is not None:
+            lines.append(f"gammas < 1e-2 ({k}): {f(v['frac_below_1e-2'])}")
+    for k, v in result["paired_differences"].items():
+        lines.append(f"{k}: {f(v)} points")
     return "\n".join(lines)
 
 
