@@ -151,6 +151,59 @@ def removed_gammas(model, out) -> dict:
             "bn_widths": kept}
 
 
+def _ms(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"mean": round(statistics.mean(vals), 3),
+            "sd": round(statistics.stdev(vals), 3) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def summarize(per_seed: list[dict]) -> tuple[dict, dict, dict]:
+    """Mean and sample sd over seeds of every row, of the gamma fractions, and paired differences of the recipe."""
+    summary = {}
+    for key in ROWS:
+        rs = [s["rows"][key] for s in per_seed if key in s["rows"]]
+        if not rs:
+            continue
+        summary[key] = {"name": ROWS[key], "accuracy": _ms([r["accuracy"] for r in rs]),
+                        "acc_before_ft": _ms([r.get("acc_before_ft") for r in rs]),
+                        "macs_removed_pct": _ms([r.get("macs_removed_pct") for r in rs]),
+                        "max_removed_gamma": _ms([r.get("max_removed_gamma") for r in rs])}
+    gsum = {k: {"frac_below_1e-2": _ms([s["gammas"][k]["frac_below_1e-2"] for s in per_seed if k in s["gammas"]])}
+            for k in ("dense", "sparse", "sparse_variable")}
+    diffs = {}
+    if "sparse+bn+cwd" in summary:
+        for base in ("l1", "l1+cwd", "bn_dense+cwd", "sparse+bn", "dense"):
+            if base in summary:
+                d = [s["rows"]["sparse+bn+cwd"]["accuracy"] - s["rows"][base]["accuracy"] for s in per_seed]
+                diffs[f"sparse+bn+cwd - {base}"] = _ms(d)
+    if "sparse+bn" in summary and "l1" in summary:
+        diffs["sparse+bn - l1"] = _ms([s["rows"]["sparse+bn"]["accuracy"] - s["rows"]["l1"]["accuracy"]
+                                       for s in per_seed])
+    return summary, gsum, diffs
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One JSON from runs of the same settings on different seeds (``--merge a.json b.json --out c.json``)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keep = ("seeds", "threads")
+    base = {k: v for k, v in runs[0]["settings"].items() if k not in keep}
+    for r, p in zip(runs[1:], paths[1:]):
+        if {k: v for k, v in r["settings"].items() if k not in keep} != base:
+            raise SystemExit(f"{p}: different settings, not merged")
+    result = dict(runs[0])
+    result["per_seed"] = sorted((s for r in runs for s in r["per_seed"]), key=lambda s: s["seed"])
+    result["settings"] = dict(runs[0]["settings"], seeds=[s["seed"] for s in result["per_seed"]])
+    result["summary"], result["gamma_summary"], result["paired_differences"] = summarize(result["per_seed"])
+    result["seconds"] = [r["seconds"] for r in runs]
+    result["merged_from"] = [Path(p).name for p in paths]
+    Path(out).write_text(json.dumps(result, indent=1, default=str))
+    print(table(result))
+    print(f"wrote {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train-limit", type=int, default=20000, help="training images (of 60000)")
@@ -172,7 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training_pruning.json"))
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs (same settings, other seeds) "
+                    "into --out instead of running")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
 
@@ -280,30 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed.append({"seed": seed, "teacher_accuracy": teacher_acc, "gammas": gammas, "rows": rows})
         log(f"seed {seed} done")
 
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None
-        return {"mean": round(statistics.mean(vals), 3),
-                "sd": round(statistics.stdev(vals), 3) if len(vals) > 1 else None, "n": len(vals)}
-
-    summary = {}
-    for key in ROWS:
-        rs = [s["rows"][key] for s in per_seed if key in s["rows"]]
-        if not rs:
-            continue
-        summary[key] = {"name": ROWS[key], "accuracy": ms([r["accuracy"] for r in rs]),
-                        "acc_before_ft": ms([r.get("acc_before_ft") for r in rs]),
-                        "macs_removed_pct": ms([r.get("macs_removed_pct") for r in rs]),
-                        "max_removed_gamma": ms([r.get("max_removed_gamma") for r in rs])}
-    gsum = {k: {"frac_below_1e-2": ms([s["gammas"][k]["frac_below_1e-2"] for s in per_seed if k in s["gammas"]])}
-            for k in ("dense", "sparse", "sparse_variable")}
-    diffs = {}
-    if "sparse+bn+cwd" in summary:
-        for base in ("l1", "l1+cwd", "bn_dense+cwd", "sparse+bn"):
-            if base in summary:
-                d = [s["rows"]["sparse+bn+cwd"]["accuracy"] - s["rows"][base]["accuracy"] for s in per_seed]
-                diffs[f"sparse+bn+cwd - {base}"] = ms(d)
+    summary, gsum, diffs = summarize(per_seed)
     result = {
         "benchmark": "training_pruning", "dataset": "Fashion-MNIST",
         "train_images": a.train_limit, "test_images": 10000, "model": "SmallCNN (examples/fashion_mnist_pipeline.py)",
@@ -337,7 +371,9 @@ def table(result: dict) -> str:
     lines.append("")
     for k, v in result["gamma_summary"].items():
         if v["frac_below_1e-2"] is not None:
-            lines.append(f"gammas < 1e-2 ({k}): {f(v['frac_below_1e-2'])}")
+            m = v["frac_below_1e-2"]
+            lines.append(f"fraction of gammas < 1e-2 ({k}): {m['mean']:.4f}" + (f" ± {m['sd']:.4f}" if m.get("sd")
+                                                                                 is not None else ""))
     for k, v in result["paired_differences"].items():
         lines.append(f"{k}: {f(v)} points")
     return "\n".join(lines)
