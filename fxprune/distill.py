@@ -10,6 +10,9 @@ pair when the two sides differ.
 * Plain ``nn.Module`` students need module-name taps (recorded by forward hooks); a plain ``nn.Module`` teacher
   with node-name taps is traced once, on the first call (a frozen snapshot of the teacher at that moment).
 
+In the YOLOv4 / YOLOv8 recipes the teacher is the dense model trained without the sparsity penalty (not the
+sparse-trained net that was pruned); keep a copy of it before sparsity training.
+
 The teacher runs under ``torch.no_grad()`` and in eval mode. Calling a distiller returns ``(student_output, loss)``;
 add the loss to your task loss. ``SpatialAttentionLoss`` (SAD, YOLOv4 recipe) compares normalised spatial attention
 maps and needs no adapters; ``ChannelWiseLoss`` (CWD, YOLOv8 recipe) compares per-channel spatial distributions and
