@@ -27,7 +27,12 @@ step: a gamma the task does not hold up moves towards 0 by ``lr * s / (1 - momen
 Accuracy on the full 10k test split; mean and sample standard deviation over the seeds. JSON:
 ``benchmarks/results/training_pruning.json``.
 
-    .venv/bin/python benchmarks/training_pruning.py                        # the recorded run (~45 min, 2 threads)
+    .venv/bin/python benchmarks/training_pruning.py                        # the recorded run (~15 min, 2 threads)
+    # 30 epochs of (sparsity) training, a few rows; seeds in two runs merged (~8 min per seed):
+    .venv/bin/python benchmarks/training_pruning.py --epochs 30 --seeds 0 --rows dense l1 sparse+bn sparse+bn+cwd \
+        --out a.json   # then the same with --seeds 1 2 --out b.json, and
+    .venv/bin/python benchmarks/training_pruning.py --merge a.json b.json \
+        --out benchmarks/results/training_pruning_long.json
     .venv/bin/python benchmarks/training_pruning.py --train-limit 2000 --epochs 1 --ft-epochs 1 --seeds 0  # smoke
 """
 from __future__ import annotations
