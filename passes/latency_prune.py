@@ -43,7 +43,8 @@ from . import importance as imp
 from .channel_prune import ChannelPrune, _checked_scores, _top_k, use_norm_mode
 from .latency_table import LatencyTable, OpSpec
 
-__all__ = ["LatencyPrune", "LatencyModel", "Width", "LatOp", "extract_ops", "group_levels", "select_widths"]
+__all__ = ["LatencyPrune", "LatencyModel", "Width", "LatOp", "extract_ops", "group_levels", "select_widths",
+           "calibrate_selection"]
 
 _CONV = {"aten.conv2d.default", "aten.convolution.default"}
 _LINEAR = {"aten.linear.default"}
@@ -518,55 +519,91 @@ class LatencyPrune(Pass):
             target = self.target_latency if self.target_latency is not None else self.target_ms / dense_ms
             stats["dense_ms_first"] = round(dense_ms, 3)
             stats["target_ratio"] = round(target, 4)
-            pts = [(p_dense, 1.0)]  # (table sum, measured ratio to dense)
-            rounds: list[dict[str, Any]] = []
-            best: tuple[float, dict[int, int], dict[str, Any]] | None = None
-            alpha, beta = 1.0 / p_dense, 0.0
-            for r in range(self.calibrate):
-                want = (target - beta) / alpha
-                counts = select_widths(model, cum, want)
-                p_sel = model.total(counts)
-                pred = alpha * p_sel + beta
+
+            def measure(counts: dict[int, int], r: int) -> tuple[float, float, float]:
                 path = Path(tmp) / f"pruned{r}.onnx"
                 _export(_shrunk(program, counts, model.levels), program.args, path)
-                d_ms, p_ms = _compare(table, dense_path, path, inputs, self.repeats_e2e)
-                meas = p_ms / d_ms
-                row = {"round": r, "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
-                       "dense_ms": round(d_ms, 3), "pruned_ms": round(p_ms, 3),
-                       "predicted_ms": round(pred * d_ms, 3), "table_sum_ms": round(p_sel, 4)}
-                rounds.append(row)
-                miss = abs(meas / target - 1)
-                if best is None or miss < best[0]:
-                    best = (miss, counts, row)
-                if miss <= self.tolerance:
-                    break
-                pts.append((p_sel, meas))
-                alpha, beta = _fit(pts, target)
-            stats["rounds"] = rounds
-        assert best is not None
-        miss, counts, row = best
-        stats.update(predicted_ratio=row["predicted_ratio"], measured_ratio=row["measured_ratio"],
-                     predicted_ms=row["predicted_ms"], measured_ms=row["pruned_ms"], dense_ms=row["dense_ms"],
-                     target_miss=round(miss, 4))
-        if miss > self.tolerance and self.strict:
+                return _compare(table, dense_path, path, inputs, self.repeats_e2e)
+
+            rounds, counts = calibrate_selection(model, cum, target, measure, rounds=self.calibrate,
+                                                 tolerance=self.tolerance)
+        stats["rounds"] = rounds
+        best = min(rounds, key=lambda row: row["miss"])
+        stats.update(predicted_ratio=best["predicted_ratio"], measured_ratio=best["measured_ratio"],
+                     predicted_ms=best["predicted_ms"], measured_ms=best["pruned_ms"], dense_ms=best["dense_ms"],
+                     target_miss=round(best["miss"], 4))
+        if best["miss"] > self.tolerance and self.strict:
+            last = rounds[-1]
+            if last.get("clipped_to") == "floor" and last["measured_ratio"] > target:
+                raise BudgetError(
+                    f"the latency target {target:.3f} of dense is below what the lowest widths reach: measured "
+                    f"{last['measured_ratio']:.3f} with every group at its max_ratio floor (frozen layers and ops "
+                    f"outside the latency table set that floor)",
+                    fix="raise target_latency, raise max_ratio, or unfreeze more layers; strict=False keeps the "
+                        "closest selection")
             raise BudgetError(
-                f"measured latency {row['measured_ratio']:.3f} of dense misses the target {target:.3f} by "
-                f"{100 * miss:.1f}% (tolerance {100 * self.tolerance:.0f}%) after {len(rounds)} calibration rounds "
-                f"(predicted {row['predicted_ratio']:.3f})",
+                f"measured latency {best['measured_ratio']:.3f} of dense misses the target {target:.3f} by "
+                f"{100 * best['miss']:.1f}% (tolerance {100 * self.tolerance:.0f}%) after {len(rounds)} calibration "
+                f"rounds (predicted {best['predicted_ratio']:.3f})",
                 fix="raise calibrate= or tolerance=, measure on a quieter machine, or strict=False to keep the "
                     "closest selection")
         return counts
 
 
+def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target: float,
+                        measure: Any, *, rounds: int, tolerance: float) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """Closed-loop selection: select for the table-sum the current fit maps to ``target``, measure it, refit
+    ``measured ratio = alpha * table_sum + beta`` (:func:`_fit`), repeat until the measured ratio is within
+    ``tolerance`` of ``target`` or ``rounds`` are spent.
+
+    ``measure(counts, round) -> (dense_ms, pruned_ms, ratio)`` times a selection against the dense model. A fit
+    that asks for less than the lowest widths (or more than dense) is clipped to them and measured anyway (the
+    measurement, not a noisy fit, decides that a target is unreachable); when the floor itself is measured above
+    the target the loop stops. Returns every round's record (``miss``: relative distance to the target) and the
+    counts of the round with the smallest miss."""
+    p_dense = model.total({g: lv[0] for g, lv in model.levels.items()})
+    floor = model.total({g: lv[-1] for g, lv in model.levels.items()})
+    pts = [(p_dense, 1.0)]  # (table sum, measured ratio to dense)
+    records: list[dict[str, Any]] = []
+    best: tuple[float, dict[int, int]] | None = None
+    alpha, beta = 1.0 / p_dense, 0.0
+    for r in range(rounds):
+        want = (target - beta) / alpha
+        clipped = "floor" if want < floor else "dense" if want > p_dense else None
+        counts = select_widths(model, cum, min(max(want, floor), p_dense))
+        p_sel = model.total(counts)
+        pred = alpha * p_sel + beta
+        d_ms, p_ms, meas = measure(counts, r)
+        miss = abs(meas / target - 1)
+        row = {"round": r, "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
+               "dense_ms": round(d_ms, 3), "pruned_ms": round(p_ms, 3), "predicted_ms": round(pred * d_ms, 3),
+               "table_sum_ms": round(p_sel, 4), "miss": miss}
+        if clipped:
+            row["clipped_to"] = clipped
+        records.append(row)
+        if best is None or miss < best[0]:
+            best = (miss, counts)
+        if miss <= tolerance or (clipped == "floor" and meas > target):
+            break
+        pts.append((p_sel, meas))
+        alpha, beta = _fit(pts, target)
+    assert best is not None
+    return records, best[1]
+
+
 def _fit(pts: list[tuple[float, float]], target: float) -> tuple[float, float]:
-    """``ratio = alpha * table_sum + beta`` through the two measured points nearest the target (alpha > 0), or
-    proportional through the nearest one."""
+    """``ratio = alpha * table_sum + beta`` through the two measured points nearest the target. The line must be
+    physical: ``alpha > 0`` and ``0 <= beta < target`` (``beta`` is the share of the dense latency outside the
+    table: ops it does not model, overheads); a noisy pair that gives anything else is replaced by the line
+    through the nearest point with the intercept of the earlier fits' lower bound, 0 (latency proportional to
+    the table sum)."""
     near = sorted(pts, key=lambda p: abs(p[1] - target))[:2]
     (x1, y1), (x2, y2) = near if len(near) == 2 else (near[0], near[0])
     if abs(x1 - x2) > 1e-9 * max(x1, x2):
         a = (y1 - y2) / (x1 - x2)
-        if a > 0:
-            return a, y1 - a * x1
+        b = y1 - a * x1
+        if a > 0 and 0.0 <= b < target:
+            return a, b
     return y1 / x1, 0.0
 
 
@@ -606,10 +643,11 @@ def _feed(path: Path, args: tuple) -> dict[str, np.ndarray]:
 
 
 def _compare(table: LatencyTable, dense: Path, pruned: Path, inputs: dict[str, np.ndarray],
-             repeats: int) -> tuple[float, float]:
-    """Medians (ms) of the dense and pruned models timed in interleaved rounds; MeasurementError if too noisy."""
-    d, p = table.compare_models([dense, pruned], inputs, repeats=repeats)
-    return d, p
+             repeats: int) -> tuple[float, float, float]:
+    """Medians (ms) of the dense and pruned models timed in interleaved rounds, and the median per-round ratio
+    pruned / dense; MeasurementError if too noisy."""
+    (d, p), (_, ratio) = table.compare_ratios([dense, pruned], inputs, repeats=repeats)
+    return d, p, ratio
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

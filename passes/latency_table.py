@@ -285,6 +285,13 @@ class LatencyTable:
         round takes the fastest of ``inner`` runs per model). With two or more models the noise check is on the
         per-round ratios to the first model (drift that hits both cancels); MeasurementError if their relative
         interquartile range stays above ``max_spread`` after ``retries`` more attempts."""
+        return self.compare_ratios(paths, inputs, repeats=repeats, inner=inner)[0]
+
+    def compare_ratios(self, paths: list[str | os.PathLike], inputs: dict[str, np.ndarray], *, repeats: int = 9,
+                       inner: int = 3) -> tuple[list[float], list[float]]:
+        """:meth:`compare_models`, also returning each model's median per-round ratio to the first model (1.0 for
+        the first): the latency ratio with slow drift of the machine's load cancelled round by round, a steadier
+        estimate than the ratio of the medians."""
         from fxprune.backends import onnxruntime as ort
 
         sessions = [ort.session(p, self.threads) for p in paths]
@@ -303,7 +310,8 @@ class LatencyTable:
             else:
                 worst = max(_median_spread(list(arr[:, i] / arr[:, 0]))[1] for i in range(1, len(sessions)))
             if worst <= self.max_spread:
-                return [float(np.median(arr[:, i])) for i in range(len(sessions))]
+                return ([float(np.median(arr[:, i])) for i in range(len(sessions))],
+                        [float(np.median(arr[:, i] / arr[:, 0])) for i in range(len(sessions))])
         what = "ratios to the first model" if len(paths) > 1 else "times"
         raise MeasurementError(f"timing {', '.join(os.path.basename(os.fspath(p)) for p in paths)} is too noisy: "
                                f"relative spread {worst:.2f} of the per-round {what}"

@@ -13,8 +13,8 @@ import torch
 import fxprune
 from fxprune.errors import BudgetError, InputError, MeasurementError
 from fxprune.passes import Shrink
-from fxprune.passes.latency_prune import (LatencyModel, LatencyPrune, LatOp, Width, extract_ops, group_levels,
-                                          select_widths)
+from fxprune.passes.latency_prune import (LatencyModel, LatencyPrune, LatOp, Width, _fit, calibrate_selection,
+                                          extract_ops, group_levels, select_widths)
 from fxprune.passes.latency_table import LatencyTable, OpSpec
 
 pytest.importorskip("onnxruntime")
@@ -141,6 +141,55 @@ def test_unreachable_target_is_a_budget_error():
     cum = {0: np.arange(65, dtype=np.float64)}
     with pytest.raises(BudgetError, match="lowest widths"):
         select_widths(model, cum, 0.01)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def _true_ratio(model: LatencyModel, share: float, noise: list[float] | None = None):
+    """An end-to-end 'machine': ratio = (1 - share) * table_sum / dense_sum + share (``share`` of the dense latency
+    is outside the table), times a scripted noise factor per round."""
+    dense = model.total({g: lv[0] for g, lv in model.levels.items()})
+
+    def measure(counts, r):
+        q = (1 - share) * model.total(counts) / dense + share
+        q *= (noise[r] if noise and r < len(noise) else 1.0)
+        return 100.0, 100.0 * q, q
+    return measure
+
+
+@pytest.mark.parametrize("share", [0.0, 0.15, 0.3])
+def test_calibration_reaches_the_target_when_part_of_the_latency_is_outside_the_table(share):
+    """The table sums only the modelled ops; the loop fits alpha * sum + beta and meets the measured target."""
+    levels = {g: list(range(64, 0, -4)) for g in range(6)}  # enough groups that the table is not too coarse
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    cum = {g: np.arange(65, dtype=np.float64) for g in levels}
+    for target in (0.7, 0.5):
+        rounds, counts = calibrate_selection(model, cum, target, _true_ratio(model, share), rounds=4,
+                                             tolerance=0.03)
+        assert rounds[-1]["miss"] <= 0.03, rounds
+        assert len(rounds) <= (1 if share == 0 else 3)
+        assert all(c in levels[g] for g, c in counts.items())
+
+
+def test_a_noisy_first_round_does_not_turn_into_an_impossible_target():
+    """A first measurement 40% too slow would fit a negative intercept (want < 0 table-ms, the BudgetError the
+    benchmark once hit): the fit stays physical, the want is clipped, later rounds recover."""
+    levels = {g: list(range(64, 0, -4)) for g in range(6)}
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    cum = {g: np.arange(65, dtype=np.float64) for g in levels}
+    rounds, _ = calibrate_selection(model, cum, 0.5, _true_ratio(model, 0.2, noise=[1.4]), rounds=4,
+                                    tolerance=0.03)
+    assert rounds[-1]["miss"] <= 0.03, rounds
+    a, b = _fit([(10.0, 1.0), (4.0, 0.9)], 0.5)  # slope through the points gives intercept 0.83 > target
+    assert a > 0 and 0 <= b < 0.5
+
+
+def test_an_unreachable_measured_target_stops_at_the_floor():
+    levels = {0: [64, 32]}
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    cum = {0: np.arange(65, dtype=np.float64)}
+    rounds, counts = calibrate_selection(model, cum, 0.2, _true_ratio(model, 0.6), rounds=5, tolerance=0.05)
+    assert counts == {0: 32} and rounds[-1]["clipped_to"] == "floor" and rounds[-1]["measured_ratio"] > 0.2
+    assert len(rounds) <= 3
 
 
 def test_group_levels_respect_step_divisor_and_floor():
