@@ -1,6 +1,6 @@
 """The ``fxprune`` command line (also ``python -m fxprune``).
 
-    fxprune demo    [--model resnet56] [--size full] [--ratio 0.5] [--out fxprune-out] [--json] [--quiet]
+    fxprune demo    [--model resnet56] [--size full] [--target-latency 0.5 | --ratio R] [--out fxprune-out] [--json]
     fxprune compile MODEL --recipe recipe.yaml [--input-shape 2,3,224,224 | --input 2,16:int64 ...]
                     [--input-dtype int64] [--out DIR] [--weights FILE]
     fxprune report  DIR [--json]
@@ -94,10 +94,10 @@ def _parse_inputs(text: str, flag: str) -> list[Any]:
 
 def resolve_model(spec: str, *, size: str = "full", input_shape: str | None = None, seed: int = 0,
                   hf_config: Sequence[str] = (), hf_task: str | None = None,
-                  input_dtype: str | None = None) -> Any:
+                  input_dtype: str | None = None, batch: int = 2) -> Any:
     """:class:`fxprune.zoo.Resolved` ``(model in eval mode, example inputs, label, weights)`` for a MODEL argument:
-    :func:`fxprune.zoo.build` at batch 2 (a dynamic batch in the program and the ONNX files); an unknown name or a
-    bad option is a usage error."""
+    :func:`fxprune.zoo.build` at ``batch`` (default 2: a dynamic batch in the program and the ONNX files); an
+    unknown name or a bad option is a usage error."""
     from . import zoo
 
     if input_shape:
@@ -105,7 +105,7 @@ def resolve_model(spec: str, *, size: str = "full", input_shape: str | None = No
     if (hf_config or hf_task) and not spec.startswith("hf:"):
         raise UsageError(f"--hf-config and --hf-task apply to hf: models, not {spec!r}")
     try:
-        return zoo.build(spec, batch=2, size=size, input_shape=input_shape, seed=seed, overrides=hf_config,
+        return zoo.build(spec, batch=batch, size=size, input_shape=input_shape, seed=seed, overrides=hf_config,
                          task=hf_task, input_dtype=input_dtype)
     except InputError as e:  # unknown name (with a did-you-mean), missing file or factory, bad option
         raise UsageError(_message(e).replace("the input shape gives", "--input-shape gives")) from None
@@ -190,6 +190,13 @@ def _check_flags(args: argparse.Namespace) -> None:
     ratio = getattr(args, "ratio", None)
     if ratio is not None and not (0.0 <= ratio < 1.0):
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
+    target = getattr(args, "target_latency", None)
+    if target is not None and not (0.0 < target < 1.0):
+        raise UsageError(f"--target-latency must be in (0, 1) (a fraction of the dense latency), got {target}")
+    if target is not None and (args.no_onnx or args.no_latency):
+        raise UsageError("--target-latency measures on onnxruntime: drop --no-onnx / --no-latency")
+    if target is not None and ratio is not None:
+        raise UsageError("give --target-latency (LatencyPrune) or --ratio (ChannelPrune), not both")
     _check_out(Path(args.out))
     weights = getattr(args, "weights", None)
     if weights:
@@ -366,6 +373,9 @@ def run_pipeline(args: argparse.Namespace, model: Any, inputs: tuple, passes: li
         if bench is not None:
             r.latency[bench["backend"]] = _latency_entry(bench, latency.latency_line(bench))
             extra["benchmark"] = bench
+        predicted = _predicted_latency(r)
+        if predicted:
+            r.latency["predicted"] = predicted
         if notes:
             extra["notes"] = notes
         progress.step(f"saving program, weights, recipe, report and plot to {outdir}/")
@@ -395,6 +405,19 @@ def _torch_latency(args: argparse.Namespace, out: Any, model: Any, latency: Any)
     batch = args.batch if (args.batch and out.report.dynamic_batch) else None
     return latency.benchmark(out, backend="torch", dense=model, batch=batch, threads=args.threads,
                              repeats=args.repeats, warmup=args.warmup, record=False)
+
+
+def _predicted_latency(report: Any) -> str | None:
+    """``report.latency["predicted"]``: what a LatencyPrune pass predicted and measured for its selection (at the
+    example's shape), printed above this run's own measurement so the two read side by side."""
+    for p in report.passes:
+        st = p.get("stats") or {}
+        if p.get("pass") == "latency_prune" and st.get("predicted_ms") is not None:
+            return (f"LatencyPrune target {st['target_ratio']:.2f} of dense: predicted {st['predicted_ms']:.3f} ms "
+                    f"({st['predicted_ratio']:.3f}), measured in the pass {st['measured_ms']:.3f} ms "
+                    f"({st['measured_ratio']:.3f}) vs dense {st['dense_ms']:.3f} ms, "
+                    f"{len(st.get('rounds') or [])} calibration round(s)")
+    return None
 
 
 def _latency_entry(bench: Mapping[str, Any], text: str) -> str:
@@ -457,15 +480,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.batch = 8  # latency at batch 8 (the program is traced at batch 2 with a dynamic batch)
     progress = _progress(args, _steps(args))
     with _quiet_libraries(args):
-        from .passes import ChannelPrune, Shrink
+        from .passes import ChannelPrune, LatencyPrune, Shrink
         from .testing import make_observable
 
         progress.step(f"building reference model {args.model} ({args.size})")
-        model, inputs, label, weights = resolve_model(args.model, size=args.size, seed=args.seed)
+        # default: LatencyPrune to half the measured latency; --ratio, --no-onnx or --no-latency: ChannelPrune
+        if args.ratio is None and args.target_latency is None:
+            if args.no_onnx or args.no_latency:
+                args.ratio = 0.5
+            else:
+                args.target_latency = 0.5
+        # LatencyPrune targets the latency of the example's shape: trace at the batch that is timed
+        batch = args.batch if args.target_latency is not None else 2
+        model, inputs, label, weights = resolve_model(args.model, size=args.size, seed=args.seed, batch=batch)
         make_observable(model, seed=args.seed)  # random init: make every channel visible to the verification
         weights += ", made observable (fxprune.testing.make_observable)"
         _say_weights(progress, weights, "a demo; `fxprune compile MODEL --weights FILE` prunes trained weights")
-        passes = [ChannelPrune(ratio=args.ratio), Shrink()]
+        if args.target_latency is not None:
+            progress.info("LatencyPrune measures a latency table for this machine on its first run (cached in "
+                          "~/.cache/fxprune/latency/), then times its selections end to end")
+            # strict=False: a target missed after the calibration rounds is reported, not an error; max_spread=1:
+            # the table's points only rank widths (the end-to-end calibration corrects their scale), so a busy
+            # machine's noise does not stop a first run
+            passes = [LatencyPrune(target_latency=args.target_latency, threads=args.threads, strict=False,
+                                   max_spread=1.0), Shrink()]
+        else:
+            passes = [ChannelPrune(ratio=args.ratio), Shrink()]
         out, result = run_pipeline(args, model, inputs, passes, label, progress, weights=weights)
     _print_result(args, out, result)
     return 0 if out.report.verified else 1
@@ -838,12 +878,19 @@ def build_parser() -> argparse.ArgumentParser:
                             parser_class=_Parser)
 
     d = sub.add_parser("demo", parents=[common, work],
-                       help="prune a reference model 50%%, shrink, verify, export to ONNX, time it, report",
-                       description="Reference model -> ChannelPrune(ratio) -> Shrink (verified) -> ONNX (dense and "
-                                   "pruned) -> onnxruntime latency -> report, plot and saved program in --out.")
+                       help="prune a reference model to half its measured latency, shrink, verify, export to "
+                            "ONNX, time it, report",
+                       description="Reference model -> LatencyPrune(target_latency) (or ChannelPrune(ratio)) -> "
+                                   "Shrink (verified) -> ONNX (dense and pruned) -> onnxruntime latency, predicted "
+                                   "and measured -> report, plot and saved program in --out.")
     d.add_argument("--model", default=DEMO_MODEL, help=f"reference model (default {DEMO_MODEL})")
     d.add_argument("--size", default="full", choices=["tiny", "full"], help="model size (default full)")
-    d.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed (default 0.5)")
+    d.add_argument("--target-latency", type=float, default=None, metavar="FRAC",
+                   help="LatencyPrune to FRAC of the dense onnxruntime latency at --batch, widths chosen from "
+                        "latencies measured on this machine (the default, 0.5)")
+    d.add_argument("--ratio", type=float, default=None,
+                   help="instead: ChannelPrune removing this fraction of channels (the default, 0.5, with "
+                        "--no-onnx or --no-latency, which leave nothing to measure latency on)")
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("compile", parents=[common, work], help="prune MODEL with a recipe; write program, ONNX, report",

@@ -23,6 +23,9 @@ from .errors import ExportError, InputError
 __all__ = ["benchmark", "BenchmarkResult", "export_onnx", "latency_line", "example_inputs", "batched", "batch_size"]
 
 log = logging.getLogger("fxprune")
+#: onnxruntime timing rounds take the fastest of this many runs (after two untimed settle runs): a run preempted by
+#: another process is only ever slower, and LatencyPrune measures its selections the same way
+INNER = 3
 
 
 class BenchmarkResult(dict):
@@ -83,7 +86,8 @@ def benchmark(compiled: Any, *, backend: str = "onnxruntime", batch: int | None 
     temporary folder; needs a dynamic-batch export when ``batch`` differs from the example's) or ``"torch"``
     (eager). Without ``folder`` the ONNX files are exported once per ``compiled`` and re-used by later calls.
     Returns a printable :class:`BenchmarkResult` dict ``{"backend", "batch", "threads", "dense_ms", "pruned_ms", "speedup", "ideal_speedup"
-    (1 / MACs ratio), "dense", "pruned"}`` (the last two: LatencyStats as dicts). Without a dense model only the
+    (1 / MACs ratio), "dense", "pruned"}`` (the last two: LatencyStats as dicts, over rounds that each take the
+    fastest of ``INNER`` runs, as LatencyPrune's end-to-end measurements do). Without a dense model only the
     pruned one is timed. ``record``: also put a one-line summary in ``compiled.report.latency``. ``onnx_files``:
     ``(dense.onnx, pruned.onnx)`` already exported (e.g. by the CLI, with its own options): timed as they are."""
     from fxprune import backends
@@ -94,7 +98,8 @@ def benchmark(compiled: Any, *, backend: str = "onnxruntime", batch: int | None 
     b = batch or batch_size(example)
     res = BenchmarkResult(backend=backend, batch=b, threads=threads)
     if backend == "onnxruntime" and onnx_files is not None:
-        c = backends.onnxruntime.compare(*onnx_files, x, warmup=warmup, repeats=repeats, threads=threads)
+        c = backends.onnxruntime.compare(*onnx_files, x, warmup=warmup, repeats=repeats, threads=threads,
+                                         inner=INNER)
         res.update(dense=c["dense"].as_dict(), pruned=c["pruned"].as_dict())
     elif backend == "onnxruntime":
         ort = backends.onnxruntime
@@ -121,7 +126,8 @@ def benchmark(compiled: Any, *, backend: str = "onnxruntime", batch: int | None 
                 cache[key] = True
             log.info("benchmark: timing dense vs pruned in onnxruntime (batch %s, %d threads, %d repeats)",
                      b, threads, repeats)
-            c = ort.compare(dense_path, pruned_path, x, warmup=warmup, repeats=repeats, threads=threads)
+            c = ort.compare(dense_path, pruned_path, x, warmup=warmup, repeats=repeats, threads=threads,
+                            inner=INNER)
             res.update(dense=c["dense"].as_dict(), pruned=c["pruned"].as_dict())
         else:
             log.info("benchmark: timing the pruned model in onnxruntime (batch %s, %d threads)", b, threads)

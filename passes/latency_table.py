@@ -39,7 +39,7 @@ from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
 
 __all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir"]
 
-TABLE_FORMAT = 2  # 2: a round is the fastest of its burst of runs (1: their median)
+TABLE_FORMAT = 3  # 3: an untimed settle run before each burst; 2: a round is the fastest of its burst (1: median)
 BACKENDS = ("onnxruntime",)
 
 
@@ -249,7 +249,7 @@ class LatencyTable:
                 rng.shuffle(order)
                 for k in order:
                     sess, feed, inner = sessions[k]
-                    times[k].append(_time_runs(sess, feed, inner))
+                    times[k].append(_time_runs(sess, feed, inner, settle=1))
             still = []
             for k in pending:
                 med, spread = _median_spread(times[k])
@@ -284,7 +284,8 @@ class LatencyTable:
         """Median latency (ms) of each model, timed in interleaved rounds (the order rotates every round; each
         round takes the fastest of ``inner`` runs per model). With two or more models the noise check is on the
         per-round ratios to the first model (drift that hits both cancels); MeasurementError if their relative
-        interquartile range stays above ``max_spread`` after ``retries`` more attempts."""
+        interquartile range stays above ``max_spread`` after ``retries`` more attempts. Each burst follows two
+        untimed settle runs (see :func:`fxprune.backends.onnxruntime.session` on spin-waiting threads)."""
         return self.compare_ratios(paths, inputs, repeats=repeats, inner=inner)[0]
 
     def compare_ratios(self, paths: list[str | os.PathLike], inputs: dict[str, np.ndarray], *, repeats: int = 9,
@@ -303,7 +304,7 @@ class LatencyTable:
             for r in range(repeats):
                 k = r % len(sessions)
                 for i in list(range(k, len(sessions))) + list(range(k)):
-                    rounds[r][i] = _time_runs(sessions[i], inputs, inner)
+                    rounds[r][i] = _time_runs(sessions[i], inputs, inner, settle=2)
             arr = np.asarray(rounds)
             if len(sessions) == 1:
                 worst = _median_spread(list(arr[:, 0]))[1]
@@ -361,9 +362,12 @@ def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -
     return model.SerializeToString(), x
 
 
-def _time_runs(sess: Any, feed: dict[str, np.ndarray], inner: int) -> float:
-    """The fastest (ms) of ``inner`` individually timed runs: a run that was preempted by another process is
-    slower, never faster, so the minimum of a short burst is the least disturbed estimate of the round."""
+def _time_runs(sess: Any, feed: dict[str, np.ndarray], inner: int, settle: int = 0) -> float:
+    """The fastest (ms) of ``inner`` individually timed runs after ``settle`` untimed ones: a run that was
+    preempted by another process is slower, never faster, so the minimum of a short burst is the least disturbed
+    estimate of the round; the settle runs let the previous session's spin-waiting threads leave the cores."""
+    for _ in range(settle):
+        sess.run(None, feed)
     best = float("inf")
     for _ in range(inner):
         t = time.perf_counter()

@@ -1,8 +1,11 @@
 """The README's main job, `fxprune demo`, end to end in a subprocess (random init said in the progress, the printed
 report and report.json/report.md); usage errors exit 2 with one line."""
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def _run(*args, cwd):
@@ -36,6 +39,26 @@ def test_usage_errors(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("fxprune ")
     r = _run("report", str(tmp_path / "missing"), cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    for bad in (("--target-latency", "1.5"), ("--target-latency", "0.5", "--no-latency")):
+        r = _run("demo", *bad, "--out", str(tmp_path / "o"), cwd=tmp_path)
+        assert r.returncode == 2 and "--target-latency" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_with_a_latency_target(tmp_path):
+    """`fxprune demo --target-latency`: LatencyPrune at the timed batch, its prediction and the run's measurement
+    printed side by side, the deployable files written."""
+    env = {**os.environ, "FXPRUNE_LATENCY_CACHE": str(tmp_path / "cache")}  # a fresh table, not the user's
+    r = subprocess.run([sys.executable, "-m", "fxprune", "demo", "--size", "tiny", "--target-latency", "0.6",
+                        "--batch", "4", "--repeats", "5", "--out", str(tmp_path / "out")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "latency predicted: LatencyPrune target 0.60 of dense: predicted" in r.stdout
+    assert "latency onnxruntime: batch 4" in r.stdout and "verified (shrunk == masked): yes" in r.stdout
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    st = rep["passes"][0]["stats"]
+    assert rep["passes"][0]["pass"] == "latency_prune" and st["measured_ms"] > 0 and st["predicted_ms"] > 0
+    assert (tmp_path / "out" / "pruned.onnx").is_file() and (tmp_path / "cache").is_dir()
 
 
 def test_passes_lists_builtins(tmp_path):
