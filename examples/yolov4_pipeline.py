@@ -13,6 +13,7 @@ feature maps entering the detection head.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -63,6 +64,8 @@ def run(preset: str = "small", *, s: float = 3e-2, quantiles: Any = None, betas:
 
     fit(model, train, loss, epochs=cfg["dense_epochs"], lr=2e-3, seed=seed)
     dense_metrics = Y8.evaluate(model, val, spec)
+    # the distillation teacher: the dense model as trained without sparsity (the papers' teacher), frozen here
+    teacher = fxprune.trace(copy.deepcopy(model), (x0,), copy_model=False)
     view = fxprune.trace(model, (x0,), copy_model=False)  # graph view sharing the model's parameters
     reg = SparsityRegularizer(view, module=model, s=s, schedule="variable", epochs=cfg["sparse_epochs"])
     fit(model, train, loss, epochs=cfg["sparse_epochs"], lr=1e-3, regularizer=reg, seed=seed + 1)
@@ -79,8 +82,8 @@ def run(preset: str = "small", *, s: float = 3e-2, quantiles: Any = None, betas:
                                              f"removed {v['ratio']:.2f}" for k, v in parts.items()))
     log(f"[yolov4] pruned: MACs {out.report.macs_before:,} -> {out.report.macs_after:,}, {pruned_metrics}")
 
-    taps = Y8.default_taps(view)  # teacher: the unpruned model (no longer trained), through its graph view
-    sad = SpatialAttentionLoss(view, student, taps=taps, betas=betas)
+    taps = Y8.default_taps(view)
+    sad = SpatialAttentionLoss(teacher, student, taps=taps, betas=betas)
     fit(student, train, loss, epochs=cfg["ft_epochs"], lr=1e-3, distiller=sad, seed=seed + 2)
     final_metrics = Y8.evaluate(student, val, spec)
     log(f"[yolov4] after SAD fine-tune {final_metrics} ({time.perf_counter() - t0:.1f} s)")

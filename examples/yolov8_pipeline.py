@@ -13,6 +13,7 @@ the detection loss, the evaluation, and a small YOLOv8-style detector used when 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -400,8 +401,9 @@ def run(preset: str = "small", *, ratio: float = 0.5, s: float = 3e-2, tau: floa
     # 1. dense training, 2. sparsity-aware training (L1 on prunable BN gammas, lambda0 * (1 - 0.9 e/E))
     fit(model, train, loss, epochs=cfg["dense_epochs"], lr=2e-3, seed=seed)
     dense_metrics = evaluate(model, val, spec)
-    # a graph view of the live model (shares its parameters): groups for the regularizer, tap names, and later
-    # the frozen teacher (the model is not trained after sparse training)
+    # the distillation teacher: the dense model as trained without sparsity (the papers' teacher), frozen here
+    teacher = fxprune.trace(copy.deepcopy(model), (x0,), copy_model=False)
+    # a graph view of the live model (shares its parameters): groups for the regularizer and the tap names
     view = fxprune.trace(model, (x0,), copy_model=False)
     reg = SparsityRegularizer(view, module=model, s=s, schedule="decay", epochs=cfg["sparse_epochs"])
     fit(model, train, loss, epochs=cfg["sparse_epochs"], lr=1e-3, regularizer=reg, seed=seed + 1)
@@ -416,9 +418,9 @@ def run(preset: str = "small", *, ratio: float = 0.5, s: float = 3e-2, tau: floa
     pruned_metrics = evaluate(student, val, spec)
     log(f"[yolov8] pruned: MACs {out.report.macs_before:,} -> {out.report.macs_after:,}, {pruned_metrics}")
 
-    # 4. fine-tune with channel-wise distillation from the sparse-trained (unpruned) model
+    # 4. fine-tune with channel-wise distillation from the dense teacher
     taps = default_taps(view)
-    cwd = ChannelWiseLoss(view, student, taps=taps, tau=tau, weight=cwd_weight, seed=seed)
+    cwd = ChannelWiseLoss(teacher, student, taps=taps, tau=tau, weight=cwd_weight, seed=seed)
     fit(student, train, loss, epochs=cfg["ft_epochs"], lr=1e-3, distiller=cwd, seed=seed + 2)
     final_metrics = evaluate(student, val, spec)
     log(f"[yolov8] after CWD fine-tune {final_metrics} ({time.perf_counter() - t0:.1f} s)")
