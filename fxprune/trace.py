@@ -536,7 +536,9 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None, *, copy_mod
 
 
 class _MetaProp(fx.Interpreter):
-    """FakeTensor propagation refreshing ``node.meta["val"]``; torch.export's guard module is skipped."""
+    """FakeTensor propagation refreshing ``node.meta["val"]``. torch.export's guard module runs first (on the same
+    fake inputs, whose sizes are the example's): a guard the example violates means the graph was traced for
+    other sizes (a size-2 copy taking another path than size 1) and raises."""
 
     def __init__(self, gm: fx.GraphModule, mode: Any):
         super().__init__(gm)
@@ -544,6 +546,9 @@ class _MetaProp(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_module" and str(n.target).startswith("_guards_fn"):
+            guards = self.module.get_submodule(str(n.target))
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            guards(*args, **kwargs)  # AssertionError "Guard failed: ..." on a violated guard
             return None
         out = super().run_node(n)
         if n.op not in ("output",):

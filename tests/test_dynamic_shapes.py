@@ -188,3 +188,28 @@ def test_onnx_names_of_a_batch1_cnn_and_overrides(tmp_path):
     res = fxonnx.export(out, (x,), tmp_path / "named.onnx", input_names=["image"], output_names=["scores"],
                         simplify=False)
     assert res.inputs == ["image"] and res.outputs == ["scores"] and res.dynamic_batch
+
+
+class _PairNet(nn.Module):
+    """RAFT's pattern: two images stacked on the batch dim, one encoder, then split back with chunk(2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, a, b):
+        f1, f2 = self.enc(torch.cat([a, b], 0)).chunk(2, 0)
+        return self.head(f1 * f2)
+
+
+def test_a_batch1_example_whose_size2_trace_guards_against_it_falls_back():
+    """Traced from a size-2 copy, the graph guards ``2 * batch - ceil(batch) != 1`` (a size-1 chunk), which the
+    batch-1 example violates: the trace must take the next attempt, not hand a graph that fails its own guard to
+    the MACs counter (raw 'AssertionError: Guard failed' from torchvision's RAFT at batch 1)."""
+    torch.manual_seed(0)
+    model = _PairNet().eval()
+    x = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    out = fxprune.compile(model, x, passes=[ChannelPrune(ratio=0.5), Shrink()])
+    assert out.report.verified
+    assert out.module(*x).shape == model(*x).shape == (1, 4, 8, 8)  # and it runs at the example's batch
