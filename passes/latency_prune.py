@@ -15,8 +15,9 @@ How it works (a selection pass: it writes keep-masks like ChannelPrune; Shrink r
    the steps that fit below the target, most importance per millisecond first;
 4. with ``measure=True`` (default) the dense and the selected (shrunk, not yet verified) programs are exported to
    ONNX and timed against each other in interleaved rounds; the end-to-end latency is modelled as
-   ``alpha * table_sum + beta`` (fitted on the dense point and every measured selection), and the selection is
-   redone until the measured latency is within ``tolerance`` of the target (``calibrate`` rounds at most).
+   a function of the table sum through the measured points (the dense one and every measured selection: a
+   secant that brackets the target), and the selection is redone until the measured latency is within
+   ``tolerance`` of the target (``calibrate`` rounds at most).
 
 The importance is ChannelPrune's (``importance=``), normalised by each group's mean as in its global scope.
 """
@@ -552,27 +553,41 @@ class LatencyPrune(Pass):
 
 def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target: float,
                         measure: Any, *, rounds: int, tolerance: float) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    """Closed-loop selection: select for the table-sum the current fit maps to ``target``, measure it, refit
-    ``measured ratio = alpha * table_sum + beta`` (:func:`_fit`), repeat until the measured ratio is within
-    ``tolerance`` of ``target`` or ``rounds`` are spent.
+    """Closed-loop selection: select for a table-sum budget, measure the selection end to end, and choose the next
+    budget from the measured points (:func:`_next_budget`: a bracketing secant once the target is bracketed),
+    until the measured ratio is within ``tolerance`` of ``target`` or ``rounds`` are spent.
 
-    ``measure(counts, round) -> (dense_ms, pruned_ms, ratio)`` times a selection against the dense model. A fit
-    that asks for less than the lowest widths (or more than dense) is clipped to them and measured anyway (the
-    measurement, not a noisy fit, decides that a target is unreachable); when the floor itself is measured above
-    the target the loop stops. Returns every round's record (``miss``: relative distance to the target) and the
-    counts of the round with the smallest miss."""
+    ``measure(counts, round) -> (dense_ms, pruned_ms, ratio)`` times a selection against the dense model. Budgets
+    stay within [lowest widths, dense]; when the lowest widths are measured and are still slower than the target
+    the loop stops. Returns every round's record (``miss``: relative distance to the target; ``predicted_ratio``:
+    the ratio the measured points interpolate at the selection's table sum) and the counts of the round with
+    the smallest miss."""
     p_dense = model.total({g: lv[0] for g, lv in model.levels.items()})
     floor = model.total({g: lv[-1] for g, lv in model.levels.items()})
     pts = [(p_dense, 1.0)]  # (table sum, measured ratio to dense)
     records: list[dict[str, Any]] = []
     best: tuple[float, dict[int, int]] | None = None
-    alpha, beta = 1.0 / p_dense, 0.0
+    budget = target * p_dense  # first guess: latency proportional to the table sum
     for r in range(rounds):
-        want = (target - beta) / alpha
-        clipped = "floor" if want < floor else "dense" if want > p_dense else None
-        counts = select_widths(model, cum, min(max(want, floor), p_dense))
+        clipped = "floor" if budget <= floor else None
+        budget = min(max(budget, floor), p_dense)
+        counts = select_widths(model, cum, budget)
         p_sel = model.total(counts)
-        pred = alpha * p_sel + beta
+        step = 0.125
+        for _ in range(6):  # a budget that selects an already measured selection learns nothing: step onwards,
+            seen = [y for x, y in pts if abs(x - p_sel) <= 1e-9 * p_dense]  # a growing part of the bracket
+            if not seen or clipped:
+                break
+            if seen[0] < target:  # too fast: up towards the nearest slower point
+                up = min((x for x, y in pts if y >= target and x > p_sel), default=p_dense)
+                budget = max(budget, p_sel) + step * (up - max(budget, p_sel))
+            else:  # too slow: down towards the nearest faster point (or the floor)
+                down = max((x for x, y in pts if y < target and x < p_sel), default=floor)
+                budget = p_sel - step * (p_sel - down)
+            step = min(2 * step, 0.5)
+            counts = select_widths(model, cum, budget)
+            p_sel = model.total(counts)
+        pred = _interp_ratio(pts, p_sel)
         d_ms, p_ms, meas = measure(counts, r)
         miss = abs(meas / target - 1)
         row = {"round": r, "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
@@ -586,25 +601,50 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
         if miss <= tolerance or (clipped == "floor" and meas > target):
             break
         pts.append((p_sel, meas))
-        alpha, beta = _fit(pts, target)
+        budget = _next_budget(pts, target)
     assert best is not None
     return records, best[1]
 
 
-def _fit(pts: list[tuple[float, float]], target: float) -> tuple[float, float]:
-    """``ratio = alpha * table_sum + beta`` through the two measured points nearest the target. The line must be
-    physical: ``alpha > 0`` and ``0 <= beta < target`` (``beta`` is the share of the dense latency outside the
-    table: ops it does not model, overheads); a noisy pair that gives anything else is replaced by the line
-    through the nearest point with the intercept of the earlier fits' lower bound, 0 (latency proportional to
-    the table sum)."""
+def _interp_ratio(pts: list[tuple[float, float]], x: float) -> float:
+    """The measured ratio at table sum ``x``: piecewise linear through the measured points, proportional to the
+    nearest one outside their range."""
+    xs = sorted(pts)
+    if x <= xs[0][0]:
+        return xs[0][1] * x / xs[0][0]
+    if x >= xs[-1][0]:
+        return xs[-1][1] * x / xs[-1][0]
+    return float(np.interp(x, [p[0] for p in xs], [p[1] for p in xs]))
+
+
+def _next_budget(pts: list[tuple[float, float]], target: float) -> float:
+    """The table-sum budget expected to measure ``target``, from the measured ``(table_sum, ratio)`` points: a
+    safeguarded secant. The secant through the two points nearest the target (when its slope is positive),
+    kept inside the bracket when the target is bracketed (points measured on both sides), else the secant
+    between the bracket's ends (their midpoint if noise made them non-monotone); with neither, proportional
+    through the nearest point. The relation is only assumed monotone: the share of the latency outside the table
+    (attention matmuls, pooling, overheads) may shrink with the widths too, so no intercept is imposed."""
+    below = [p for p in pts if p[1] < target]
+    above = [p for p in pts if p[1] >= target]
+    cand = None
     near = sorted(pts, key=lambda p: abs(p[1] - target))[:2]
-    (x1, y1), (x2, y2) = near if len(near) == 2 else (near[0], near[0])
-    if abs(x1 - x2) > 1e-9 * max(x1, x2):
+    if len(near) == 2 and abs(near[0][0] - near[1][0]) > 1e-12:
+        (x1, y1), (x2, y2) = near
         a = (y1 - y2) / (x1 - x2)
-        b = y1 - a * x1
-        if a > 0 and 0.0 <= b < target:
-            return a, b
-    return y1 / x1, 0.0
+        if a > 0:
+            cand = x1 + (target - y1) / a
+    if below and above:
+        xb, yb = max(below, key=lambda p: p[1])
+        xa, ya = min(above, key=lambda p: p[1])
+        if cand is not None and min(xa, xb) < cand < max(xa, xb):
+            return cand
+        if xa > xb and ya > yb:
+            return xb + (target - yb) * (xa - xb) / (ya - yb)
+        return 0.5 * (xa + xb)
+    if cand is not None and cand > 0:
+        return cand
+    x, y = near[0]
+    return x * target / y
 
 
 def _shrunk(program: Program, counts: dict[int, int], levels: dict[int, list[int]]) -> torch.nn.Module:
