@@ -11,8 +11,11 @@ calibration data from the first half only. Rows, at 10/20/30% fewer parameters (
   (a stock config: ``fxprune.hf.save_pretrained`` writes them).
 * ``torch-pruning``: Torch-Pruning's own LLM recipe (examples/LLMs/prune_llm.py: BasePruner, group magnitude
   importance p=2, hidden size, MLP and whole heads pruned at one ratio, head_dim kept, lm_head ignored, round_to=4;
-  ``attn_implementation="eager"`` as its GQA grouping needs, embed/lm_head re-tied before counting), its ratio
-  searched so its parameter count matches the fxprune activation/exact row of the same target.
+  ``attn_implementation="eager"`` as its GQA grouping needs, traced with ``use_cache=False`` (see ``tp_prune``: with
+  transformers 5's KV cache its group traversal never terminates), embed/lm_head re-tied before counting), its ratio
+  searched (bracketing, 3-12 prunes of ~10 s each) so its parameter count matches the fxprune ``exact/hidden+mlp``
+  rows of the same target within 0.3% of the dense count; ``compile_s`` is the one prune at the chosen ratio,
+  ``ratio_search_s`` the whole search.
 
 Then a short recovery for the best fxprune row and the Torch-Pruning row of each target: logit distillation (KL to
 the dense model's next-token distribution, T=1) on random windows of the first half, the same budget for every row
@@ -28,6 +31,10 @@ size is the output, so it stays), magnitude vs activation importance (calibratio
     # what results/llm_width.json holds (4 eval windows = 2,044 tokens; 30 and 0.3 were not run):
     python benchmarks/llm_width.py --part smollm --windows 4 --calib-windows 4 --jobs 3 --threads 1
     python benchmarks/llm_width.py --part minilm --out benchmarks/results/llm_width_minilm.json
+    # its Torch-Pruning rows, added afterwards with the same settings (the cached fxprune rows are not re-run):
+    python benchmarks/llm_width.py --part smollm --windows 4 --calib-windows 4 --targets 0.1,0.2 --no-recover \\
+        --threads 1
+    python benchmarks/llm_width.py --part smollm --windows 4 --calib-windows 4 --targets 0.2 --threads 1  # + recovered
     python benchmarks/llm_width.py --windows 30 --targets 0.2 --recover-steps 200
 """
 from __future__ import annotations
@@ -190,7 +197,18 @@ def _speed_up_tp() -> None:
 
 
 def tp_prune(ratio: float):
-    """Torch-Pruning's examples/LLMs/prune_llm.py recipe on a fresh SmolLM2 (eager attention)."""
+    """Torch-Pruning's examples/LLMs/prune_llm.py recipe on a fresh SmolLM2 (eager attention).
+
+    The traced example runs with ``use_cache=False``. With the cache on, transformers 5's ``DynamicLayer.update``
+    appends the first keys/values to an empty cache tensor with ``torch.cat(..., dim=-2)``: 60 extra concat nodes in
+    Torch-Pruning 1.6's graph (120 with the cache, 60 without: RoPE's rotate_half), 30 of them read as channel
+    concats with offsets [0, 192, 384]. Its group traversal from the first ``k_proj`` root then never terminates:
+    each lap of a cycle through that concat, RoPE's slices/neg/cat/mul/add, repeat_kv's unsqueeze/reshape and a
+    transpose shifts the indices by the concat offset, so ``has_pruning_op`` never sees a repeat (measured: 26,500
+    group items with indices past 460,000 on a 192-wide layer after 10 s, still growing; the earlier runs were
+    stopped after 30-43 CPU minutes). transformers 4.x, which the recipe was written for, stored the first keys
+    without a cat, and the cache plays no part in the logits of one forward pass. With it off, one call (trace,
+    groups, importance, pruning) takes 8-14 s."""
     import torch_pruning as tp
     from fxprune.data import smollm2
 
@@ -204,7 +222,7 @@ def tp_prune(ratio: float):
             num_heads[m.q_proj] = cfg.num_attention_heads
             num_heads[m.k_proj] = cfg.num_key_value_heads
             num_heads[m.v_proj] = cfg.num_key_value_heads
-    example = torch.randint(0, cfg.vocab_size, (1, 64))
+    example = {"input_ids": torch.randint(0, cfg.vocab_size, (1, 64)), "use_cache": False}  # see the docstring
     pruner = tp.pruner.BasePruner(
         model, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=ratio,
@@ -227,6 +245,49 @@ def tp_prune(ratio: float):
     return model.eval()
 
 
+def tp_check(dense: dict, m) -> dict:
+    """Is Torch-Pruning's model the dense one restricted to one set of kept hidden channels, MLP channels and heads,
+    with every kept query head still reading its own GQA key/value head? Compares every weight with that slice of
+    the dense weight (the kept indices found by matching rows in order)."""
+    P = m.state_dict()
+
+    def kept(wd, wp):  # the rows of wd that wp keeps, in order (None: wp is not such a subset)
+        out, j = [], 0
+        for i in range(wd.shape[0]):
+            if j < wp.shape[0] and torch.equal(wd[i], wp[j]):
+                out.append(i)
+                j += 1
+        return torch.tensor(out) if j == wp.shape[0] else None
+
+    hid = kept(dense["model.embed_tokens.weight"].T, P["model.embed_tokens.weight"].T)
+    if hid is None:
+        return {"slices_of_dense": False, "gqa_heads_consistent": False}
+    want = {"model.norm.weight": (hid,), "lm_head.weight": (slice(None), hid)}
+    gqa = True
+    n_layers = sum(1 for k in dense if k.endswith("self_attn.q_proj.weight"))
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        rows = {x: kept(dense[p + x + ".weight"][:, hid], P[p + x + ".weight"])
+                for x in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj")}
+        if any(v is None for v in rows.values()):
+            return {"slices_of_dense": False, "gqa_heads_consistent": False}
+        q, k, g = rows["self_attn.q_proj"], rows["self_attn.k_proj"], rows["mlp.gate_proj"]
+        qh, kh = q.view(-1, 64)[:, 0] // 64, k.view(-1, 64)[:, 0] // 64  # whole heads (head_dim 64) kept
+        rep0 = dense[p + "self_attn.q_proj.weight"].shape[0] // dense[p + "self_attn.k_proj.weight"].shape[0]
+        rep1 = len(qh) // len(kh)
+        gqa &= all(int(kh[j // rep1]) == int(h) // rep0 for j, h in enumerate(qh))
+        want.update({p + "self_attn.q_proj.weight": (q, hid), p + "self_attn.k_proj.weight": (k, hid),
+                     p + "self_attn.v_proj.weight": (rows["self_attn.v_proj"], hid),
+                     p + "self_attn.o_proj.weight": (hid, q), p + "mlp.gate_proj.weight": (g, hid),
+                     p + "mlp.up_proj.weight": (g, hid), p + "mlp.down_proj.weight": (hid, g),
+                     p + "input_layernorm.weight": (hid,), p + "post_attention_layernorm.weight": (hid,)})
+    ok = set(want) | {"model.embed_tokens.weight"} == set(P)
+    for name, idx in want.items():
+        w = dense[name][idx[0]]
+        ok &= torch.equal(w[:, idx[1]] if len(idx) > 1 else w, P[name])
+    return {"slices_of_dense": bool(ok), "gqa_heads_consistent": bool(gqa)}
+
+
 def row_tp(args, key: str, spec: dict) -> dict:
     from fxprune.data import english_text, smollm2
 
@@ -235,30 +296,49 @@ def row_tp(args, key: str, spec: dict) -> dict:
     half = ids.numel() // 2
     first, second = ids[:half], ids[half:]
     dense = count(model)
+    dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
     del model
-    want = spec["params_target"]
+    want, tol = spec["params_target"], 0.003 * dense
     t = time.perf_counter()
-    # ratio search: params(ratio) is smooth and decreasing; secant steps from the quadratic guess
-    r = spec.get("ratio", 1 - math.sqrt(want / dense))  # a recovered row: the one-shot row's ratio
-    tried = []
-    for _ in range(1 if "ratio" in spec else 6):
+    # ratio search: params(ratio) is a decreasing staircase (round_to=4); keep a bracket [lo, hi] around the target,
+    # interpolate inside it (bisect once it is narrow), stop within tol, keep the closest model
+    tried: list = []
+    best = None  # (|n - want|, ratio, params, model, seconds of that one tp_prune call)
+    lo, hi = (0.0, dense), (0.5, None)  # (ratio, params): params(lo) >= want >= params(hi) once hi is known
+    r = spec.get("ratio", 1 - math.sqrt(want / dense))  # a recovered row: the one-shot row's ratio, pruned once
+    for _ in range(1 if "ratio" in spec else 12):
+        t1 = time.perf_counter()
         m = tp_prune(r)
-        n = count(m)
-        tried.append((round(r, 5), n))
-        if abs(n - want) / dense < 0.003 or "ratio" in spec:
-            break
-        if len(tried) >= 2:
-            (r0, n0), (r1, n1) = tried[-2], tried[-1]
-            r = r1 + (want - n1) * (r1 - r0) / (n1 - n0) if n1 != n0 else r1 + 0.01
-        else:
-            r = r + (n - want) / dense / 1.6
+        n, dt = count(m), time.perf_counter() - t1
+        tried.append((round(r, 6), n))
+        print(f"  tp ratio {r:.6f}: {n} params ({(n - want) / dense:+.4f} of dense off the target, {dt:.0f} s)",
+              flush=True)
+        if best is None or abs(n - want) < best[0]:
+            best = (abs(n - want), r, n, m, dt)
         del m
-    prune_s = time.perf_counter() - t
+        if best[0] <= tol or "ratio" in spec:
+            break
+        if n > want:
+            lo = (r, n)
+        else:
+            hi = (r, n)
+        if hi[1] is None:  # no bracket yet: the quadratic guess, params falling ~1.6 x dense per unit ratio
+            r = r + (n - want) / dense / 1.6
+        else:
+            (r0, n0), (r1, n1) = lo, hi
+            r = r0 + (n0 - want) * (r1 - r0) / (n0 - n1) if n0 != n1 else (r0 + r1) / 2
+            if not (r0 + 0.1 * (r1 - r0) <= r <= r1 - 0.1 * (r1 - r0)):
+                r = (r0 + r1) / 2
+        if any(abs(r - x) < 1e-7 for x, _ in tried):
+            break
+    search_s = time.perf_counter() - t
+    _, r, _, m, prune_s = best
     w = {"hidden": m.config.hidden_size, "intermediate": m.config.intermediate_size,
          "q_heads": m.config.num_attention_heads, "kv_heads": m.config.num_key_value_heads}
-    row = {**spec, "ratio": round(r, 4), "ratio_search": tried, "params": count(m),
-           "params_frac": round(count(m) / dense, 4), "compile_s": round(prune_s, 1), "verified": None,
-           "widths": w}
+    row = {**spec, "ratio": r, "ratio_search": tried, "params": count(m), "params_frac": round(count(m) / dense, 4),
+           "compile_s": round(prune_s, 1), "ratio_search_s": round(search_s, 1), "verified": None, "widths": w,
+           **tp_check(dense_sd, m)}
+    del dense_sd
     if spec.get("recover"):
         row.update(recover(args, m, first, second))
     else:
