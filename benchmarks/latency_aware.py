@@ -352,7 +352,8 @@ def main() -> None:
             rows = [r for r in rows if (r["model"], r["batch"]) != (m, b)] + [row]
             data = {
                 "description": "LatencyPrune(target_latency) vs ChannelPrune(target_macs, round_to=8) vs Torch-Pruning"
-                               " (round_to=8, same MACs), ONNX Runtime CPU, each row timed against dense in its own interleaved pair",
+                               " (round_to=8, same MACs), ONNX Runtime CPU, each row timed against dense in its own"
+                               " interleaved pair",
                 "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                 "config": {"threads": a.threads, "repeats": a.repeats, "calibrate": a.calibrate, "levels": a.levels,
                            "max_spread": MAX_SPREAD,
