@@ -14,7 +14,7 @@ from fxprune.errors import InputError
 
 from . import LatencyStats, check_timing_args, require
 
-__all__ = ["session", "run", "benchmark", "compare", "LatencyStats"]
+__all__ = ["session", "run", "benchmark", "compare", "time_burst", "LatencyStats"]
 
 
 def session(path: str | os.PathLike, threads: int = 1, *, inter_threads: int = 1,
@@ -89,6 +89,15 @@ def _timed(sess: Any, fd: dict[str, Any]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def time_burst(sess: Any, fd: dict[str, Any], inner: int = 1, settle: int = 0) -> float:
+    """The fastest (ms) of ``inner`` individually timed runs after ``settle`` untimed ones: a run preempted by
+    another process is slower, never faster, so the minimum of a short burst is the least disturbed estimate; the
+    settle runs let a previously timed session's spin-waiting threads leave the cores (see :func:`session`)."""
+    for _ in range(settle):
+        sess.run(None, fd)
+    return min(_timed(sess, fd) for _ in range(inner))
+
+
 def benchmark(path: Any, inputs: Any, *, warmup: int = 5, repeats: int = 30, threads: int = 1) -> LatencyStats:
     """Latency of one ``session.run`` on ``inputs``: ``warmup`` untimed runs, then ``repeats`` timed ones.
     ``path`` may also be a ready InferenceSession (then ``threads`` only labels the result)."""
@@ -123,18 +132,13 @@ def compare(dense_path: Any, pruned_path: Any, inputs: Any, *, pruned_inputs: An
         pruned.run(None, fd_p)
     td: list[float] = []
     tp: list[float] = []
-    def settled(sess: Any, fd: dict[str, Any]) -> float:
-        for _ in range(settle):
-            sess.run(None, fd)
-        return min(_timed(sess, fd) for _ in range(inner))
-
     for i in range(repeats):
         if i % 2 == 0:
-            td.append(settled(dense, fd_d))
-            tp.append(settled(pruned, fd_p))
+            td.append(time_burst(dense, fd_d, inner, settle))
+            tp.append(time_burst(pruned, fd_p, inner, settle))
         else:
-            tp.append(settled(pruned, fd_p))
-            td.append(settled(dense, fd_d))
+            tp.append(time_burst(pruned, fd_p, inner, settle))
+            td.append(time_burst(dense, fd_d, inner, settle))
     sd, sp = LatencyStats.from_times(td, threads), LatencyStats.from_times(tp, threads)
     return {"dense": sd, "pruned": sp, "speedup": sd.median_ms / sp.median_ms if sp.median_ms > 0 else float("inf"),
             "threads": threads}

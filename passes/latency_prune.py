@@ -487,7 +487,7 @@ class LatencyPrune(Pass):
             stats["predicted_ratio"] = round(model.total(counts) / p_dense, 4)
             stats["target_ratio"] = self.target_latency
         else:
-            counts = self._closed_loop(program, model, cum, p_dense, stats)
+            counts = self._closed_loop(program, model, cum, scores, stats)
         masks = {}
         for g in groups:
             if g.id in counts and counts[g.id] < (levels[g.id][0]):
@@ -508,8 +508,8 @@ class LatencyPrune(Pass):
         return PassResult(program, changed=bool(masks), stats=stats, record=record)
 
     # ------------------------------------------------------------------ end-to-end calibration
-    def _closed_loop(self, program: Program, model: LatencyModel, cum: dict[int, np.ndarray], p_dense: float,
-                     stats: dict[str, Any]) -> dict[int, int]:
+    def _closed_loop(self, program: Program, model: LatencyModel, cum: dict[int, np.ndarray],
+                     scores: dict[int, np.ndarray], stats: dict[str, Any]) -> dict[int, int]:
         table = model.table if model.table.fn is None else LatencyTable(
             self.backend, self.threads, persist=False, repeats=self.repeats, max_spread=self.max_spread)
         with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
@@ -524,7 +524,7 @@ class LatencyPrune(Pass):
 
             def measure(counts: dict[int, int], r: int) -> tuple[float, float, float]:
                 path = Path(tmp) / f"pruned{r}.onnx"
-                _export(_shrunk(program, counts, model.levels), program.args, path)
+                _export(_shrunk(program, counts, model.levels, scores), program.args, path)
                 return _compare(table, dense_path, path, inputs, self.repeats_e2e)
 
             rounds, counts = calibrate_selection(model, cum, target, measure, rounds=self.calibrate,
@@ -648,8 +648,10 @@ def _next_budget(pts: list[tuple[float, float]], target: float) -> float:
     return x * target / y
 
 
-def _shrunk(program: Program, counts: dict[int, int], levels: dict[int, list[int]]) -> torch.nn.Module:
-    """The program with ``counts`` applied, physically shrunk (no verification: only timed)."""
+def _shrunk(program: Program, counts: dict[int, int], levels: dict[int, list[int]],
+            scores: dict[int, np.ndarray]) -> torch.nn.Module:
+    """The program with ``counts`` applied as the pass will apply them (each group's top ``counts[g]`` channels
+    by ``scores``), physically shrunk: the model the user gets, timed (not verified)."""
     from fxprune.masking import param_keep, rewrite_shape_constants, shrunk_copy
     from fxprune.shape_prop import propagate_shapes
 
@@ -657,12 +659,7 @@ def _shrunk(program: Program, counts: dict[int, int], levels: dict[int, list[int
     keep = dict(program.leaf_keep())
     for gid, k in counts.items():
         if k < levels[gid][0]:
-            g = gs[gid]
-            # any k channels give the same shapes: keep the first k of the prior selection
-            base = keep.get(g.space, np.ones(g.size, dtype=bool))
-            m = np.zeros(g.size, dtype=bool)
-            m[np.nonzero(base)[0][:k]] = True
-            keep[g.space] = m
+            keep[gs[gid].space] = _top_k(scores[gid], k)
     pk = param_keep(gs, keep)
     gm = shrunk_copy(program.gm, gs, keep, keep=pk)
     rewrite_shape_constants(gm, gs, keep)

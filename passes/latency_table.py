@@ -28,13 +28,13 @@ import os
 import platform
 import socket
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from fxprune.backends.onnxruntime import time_burst
 from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
 
 __all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir"]
@@ -231,9 +231,9 @@ class LatencyTable:
                 model, x = micro_graph(spec, wi, wo, rng)
                 sess = rt.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
                 feed = {"x": x}
-                t = _time_runs(sess, feed, 1)
+                t = time_burst(sess, feed, 1)
                 for _ in range(self.warmup):
-                    t = min(t, _time_runs(sess, feed, 1))
+                    t = min(t, time_burst(sess, feed, 1))
             except Exception as e:  # noqa: BLE001 - any failure of the micro-graph is a failed measurement
                 raise MeasurementError(f"timing {spec.key(wi, wo)} failed: {type(e).__name__}: {e}",
                                        fix="check the onnxruntime install; exclude this layer with ignore=[...] or "
@@ -249,7 +249,7 @@ class LatencyTable:
                 rng.shuffle(order)
                 for k in order:
                     sess, feed, inner = sessions[k]
-                    times[k].append(_time_runs(sess, feed, inner, settle=1))
+                    times[k].append(time_burst(sess, feed, inner, settle=1))
             still = []
             for k in pending:
                 med, spread = _median_spread(times[k])
@@ -304,7 +304,7 @@ class LatencyTable:
             for r in range(repeats):
                 k = r % len(sessions)
                 for i in list(range(k, len(sessions))) + list(range(k)):
-                    rounds[r][i] = _time_runs(sessions[i], inputs, inner, settle=2)
+                    rounds[r][i] = time_burst(sessions[i], inputs, inner, settle=2)
             arr = np.asarray(rounds)
             if len(sessions) == 1:
                 worst = _median_spread(list(arr[:, 0]))[1]
@@ -360,20 +360,6 @@ def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString(), x
-
-
-def _time_runs(sess: Any, feed: dict[str, np.ndarray], inner: int, settle: int = 0) -> float:
-    """The fastest (ms) of ``inner`` individually timed runs after ``settle`` untimed ones: a run that was
-    preempted by another process is slower, never faster, so the minimum of a short burst is the least disturbed
-    estimate of the round; the settle runs let the previous session's spin-waiting threads leave the cores."""
-    for _ in range(settle):
-        sess.run(None, feed)
-    best = float("inf")
-    for _ in range(inner):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def _median_spread(ts: list[float]) -> tuple[float, float]:
