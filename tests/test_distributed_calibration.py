@@ -111,3 +111,9 @@ def test_accumulator_without_group_is_local():
 
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    # the result is written: leave without the interpreter's teardown, where gloo's background threads still abort
+    # now and then ("terminate called without an active exception", ~1 run in 6 even after the barrier)
+    sys.stdout.flush()
+    import os
+
+    os._exit(0)
