@@ -360,8 +360,9 @@ def recover(args, student, first: torch.Tensor, second: torch.Tensor) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.recover_lr, weight_decay=0.0)
-    _mode(student, True)
     B, L, steps = args.recover_batch, args.recover_seq, args.recover_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(args.recover_schedule, s, steps))
+    _mode(student, True)
     cpu0, t0 = time.process_time(), time.perf_counter()
     losses = []
     for step in range(steps):
@@ -375,19 +376,32 @@ def recover(args, student, first: torch.Tensor, second: torch.Tensor) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         losses.append(float(loss))
         if step % 20 == 0:
             print(f"  recover step {step}: kl {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     _mode(student, False)
     for p in params:
         p.grad = None
-    out = {"recover_steps": steps, "recover_tokens": steps * B * L, "recover_cpu_s": round(time.process_time() - cpu0, 1),
+    out = {"recover_steps": steps, "recover_schedule": args.recover_schedule, "recover_tokens": steps * B * L, "recover_cpu_s": round(time.process_time() - cpu0, 1),
            "recover_wall_s": round(time.perf_counter() - t0, 1), "recover_kl_first": round(np.mean(losses[:10]), 4),
            "recover_kl_last": round(np.mean(losses[-10:]), 4)}
     with torch.no_grad():
         r = ppl(student, second, args.windows)
     out.update({"ppl_recovered": r["ppl"], "eval_recovered_s": r["eval_s"]})
     return out
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning-rate multiplier at ``step``: ``constant``, or ``cosine`` (linear warm-up over the first 5% of the
+    steps, then cosine decay to 10% of the rate)."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _mode(model, train: bool) -> None:
@@ -466,7 +480,8 @@ def run_row(args, key: str, spec: dict) -> dict:
     cmd = [sys.executable, __file__, "--row", json.dumps({"key": key, "spec": spec}), "--windows", str(args.windows),
            "--calib-windows", str(args.calib_windows), "--recover-steps", str(args.recover_steps),
            "--recover-batch", str(args.recover_batch), "--recover-seq", str(args.recover_seq),
-           "--recover-lr", str(args.recover_lr), "--threads", str(args.threads)]
+           "--recover-lr", str(args.recover_lr),
+           "--recover-schedule", args.recover_schedule, "--threads", str(args.threads)]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     log = SCORES / "logs" / (key.replace("/", "_") + ".log")
@@ -554,6 +569,7 @@ def main() -> None:
     ap.add_argument("--recover-batch", type=int, default=2)
     ap.add_argument("--recover-seq", type=int, default=32)
     ap.add_argument("--recover-lr", type=float, default=1e-4)
+    ap.add_argument("--recover-schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--no-recover", action="store_true")
     ap.add_argument("--minilm-calib", type=int, default=128)
     ap.add_argument("--minilm-eval", type=int, default=256)
@@ -580,12 +596,13 @@ def main() -> None:
         return
     one_shot = {"windows": args.windows, "window": 512, "calib_windows": args.calib_windows, "norm_scale": NORM_SCALE}
     recov = {"recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
-             "recover_seq": args.recover_seq, "recover_lr": args.recover_lr}
+             "recover_seq": args.recover_seq, "recover_lr": args.recover_lr,
+             "recover_schedule": args.recover_schedule}
     old = results.get("settings", {})
     if {k: old.get(k) for k in one_shot} != one_shot and old and not args.force:
         print(f"settings changed {old} -> {one_shot}: starting a new table", flush=True)
         results = {}
-    elif {k: old.get(k) for k in recov} != recov and old:
+    elif {k: old.get(k, "constant" if k == "recover_schedule" else None) for k in recov} != recov and old:
         print(f"recovery settings changed: dropping the recovered rows", flush=True)
         results["rows"] = {k: v for k, v in results.get("rows", {}).items() if not v.get("recover")}
     results["settings"] = {**one_shot, **recov}
