@@ -8,8 +8,12 @@ bias). :class:`LatencyTable` holds the measured latency of ``(spec, in width, ou
   thread, sequential execution, all graph optimisations): each point is a one-node ONNX micro-graph (Conv, or
   MatMul + Add), all points of one spec are timed in interleaved rounds (a seeded shuffle per round, so load drift
   hits every width alike), each round takes the fastest of a burst of individually timed runs (3 to 25, enough to
-  last ``min_time_ms``; a preempted run is slower, never faster); the value is the median over ``repeats`` rounds;
-* noise is checked: a point whose relative spread (interquartile range / median over the rounds) is above
+  last ``min_time_ms``; a preempted run is slower, never faster); the value of the spec's widest point is its
+  median over ``repeats`` rounds, and every other point is that median times the point's median per-round ratio
+  to the widest point (:func:`drift_cancelled`: a machine that slows down for a while slows every width of the
+  round alike, so the widths of one op stay in the right order);
+* noise is checked: a point whose relative spread (interquartile range / median over the rounds, of its per-round
+  ratios for all but the widest point) is above
   ``max_spread`` is measured again (``retries`` times); if it stays noisy, or a micro-graph fails to run,
   :class:`fxprune.errors.MeasurementError` names the op and the numbers (never a silently wrong table);
 * cached on disk as JSON under ``~/.cache/fxprune/latency/<host>-<backend>-<version>-t<threads>.json`` (override the
@@ -37,9 +41,11 @@ import numpy as np
 from fxprune.backends.onnxruntime import time_burst
 from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
 
-__all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir"]
+__all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir", "drift_cancelled"]
 
-TABLE_FORMAT = 3  # 3: an untimed settle run before each burst; 2: a round is the fastest of its burst (1: median)
+#: 4: each point is its median per-round ratio to its op's widest point times that point's median (drift cancelled);
+#: 3: an untimed settle run before each burst; 2: a round is the fastest of its burst (1: median)
+TABLE_FORMAT = 4
 BACKENDS = ("onnxruntime",)
 
 
@@ -240,21 +246,26 @@ class LatencyTable:
                                            "rebuild the table with rebuild=True") from e
             inner = int(min(25, max(3, math.ceil(self.min_time_ms / max(t, 1e-4)))))
             sessions[(wi, wo)] = (sess, feed, inner)
-        out: dict[tuple[int, int], dict[str, float]] = {}
+        ref = max(sessions, key=lambda k: (k[0] * k[1], k))  # the widest point: timed in every round
+        accepted: dict[tuple[int, int], tuple[float, float, int]] = {}  # key -> (ratio to ref, spread, rounds)
+        ref_times: list[float] = []
         pending = list(sessions)
         for attempt in range(self.retries + 1):
-            times: dict[tuple[int, int], list[float]] = {k: [] for k in pending}
+            keys = list(dict.fromkeys(pending + [ref]))
+            times: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
             for _ in range(self.repeats):
-                order = list(pending)
+                order = list(keys)
                 rng.shuffle(order)
                 for k in order:
                     sess, feed, inner = sessions[k]
                     times[k].append(time_burst(sess, feed, inner, settle=1))
+            ref_times += times[ref]
+            estimates = drift_cancelled(times, ref)
             still = []
             for k in pending:
-                med, spread = _median_spread(times[k])
-                if med <= 0 or not math.isfinite(med):
-                    raise MeasurementError(f"timing {spec.key(*k)} gave a non-positive median ({med})",
+                ratio, spread = estimates[k]
+                if ratio <= 0 or not math.isfinite(ratio):
+                    raise MeasurementError(f"timing {spec.key(*k)} gave a non-positive median ({ratio})",
                                            fix="the timer failed; rebuild the table with rebuild=True")
                 if spread > self.max_spread:
                     still.append(k)
@@ -262,16 +273,18 @@ class LatencyTable:
                         continue
                     raise MeasurementError(
                         f"timing {spec.key(*k)} is too noisy: relative spread {spread:.2f} (interquartile range / "
-                        f"median over {self.repeats} rounds, {attempt + 1} attempts) is above max_spread="
-                        f"{self.max_spread}; median {med:.4f} ms",
+                        f"median over {self.repeats} rounds, {attempt + 1} attempts"
+                        f"{'' if k == ref else ', of its per-round ratios to the widest point'}) is above "
+                        f"max_spread={self.max_spread}",
                         fix="measure on a quieter machine (load average now "
                             f"{_loadavg()}), raise repeats=, or accept more noise with max_spread=")
-                out[k] = {"ms": round(med, 6), "spread": round(spread, 4), "rounds": self.repeats * (attempt + 1),
-                          "inner": sessions[k][2]}
+                accepted[k] = (ratio, spread, self.repeats * (attempt + 1))
             pending = still
             if not pending:
                 break
-        return out
+        ref_ms = float(np.median(ref_times))
+        return {k: {"ms": round(r * ref_ms, 6), "spread": round(sp, 4), "rounds": n, "inner": sessions[k][2]}
+                for k, (r, sp, n) in accepted.items()}
 
     def time_model(self, path: str | os.PathLike, inputs: dict[str, np.ndarray], *, repeats: int = 9,
                    inner: int = 3) -> float:
@@ -360,6 +373,23 @@ def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString(), x
+
+
+def drift_cancelled(times: dict[Any, list[float]], ref: Any) -> dict[Any, tuple[float, float]]:
+    """Per key, its latency relative to ``ref`` and the noise of that estimate, from interleaved rounds
+    (``times[k][r]``: key ``k`` in round ``r``; every key timed in every round).
+
+    For ``ref``: ``(1.0, spread of its times)``. For every other key: the median over the rounds of its ratio to
+    ``ref`` in the same round, and the relative spread of those ratios. A machine whose speed drifts or jumps
+    between states (other tenants, frequency changes) slows every op of a round alike, so the per-round ratio
+    cancels it; medians of each point's own times do not, and under a machine that alternates between a fast and a
+    slow state they can order two widths the wrong way round (a wider layer "faster" than a narrower one)."""
+    r = np.asarray(times[ref], dtype=np.float64)
+    out: dict[Any, tuple[float, float]] = {ref: (1.0, _median_spread(list(r))[1])}
+    for k, ts in times.items():
+        if k != ref:
+            out[k] = _median_spread(list(np.asarray(ts, dtype=np.float64) / r))
+    return out
 
 
 def _median_spread(ts: list[float]) -> tuple[float, float]:

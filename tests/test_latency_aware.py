@@ -16,7 +16,7 @@ from fxprune.passes import Shrink
 from fxprune.passes.latency_prune import (LatencyModel, LatencyPrune, LatOp, Width, _next_budget,
                                           calibrate_selection,
                                           extract_ops, group_levels, select_widths)
-from fxprune.passes.latency_table import LatencyTable, OpSpec
+from fxprune.passes.latency_table import LatencyTable, OpSpec, _median_spread, drift_cancelled
 
 pytest.importorskip("onnxruntime")
 
@@ -68,6 +68,45 @@ def test_noisy_measurement_raises_instead_of_a_silent_table(tmp_path):
         t.ensure([(OpSpec("linear", 4, (), bias=True), 64, 64)])
     assert "max_spread" in str(e.value) and e.value.fix
     assert len(t) == 0 and not t.path.exists()
+
+
+def test_table_points_cancel_a_machine_that_changes_speed_mid_measurement():
+    """A machine that runs 3x slower for a while (another tenant) while one op's widths are timed: rounds 0-1 slow
+    for every width, round 2 slow only for the first width timed. The medians of each width's own times order a
+    1 ms and a 2 ms width the wrong way round (the table this produced made a ViT's MLP look cheapest at 82% of
+    its width); the per-round ratios to the widest point keep the true ratios."""
+    true = {"narrow": 1.0, "mid": 2.0, "wide": 4.0}
+    slow = {"narrow": [3, 3, 3, 1, 1], "mid": [3, 3, 1, 1, 1], "wide": [3, 3, 1, 1, 1]}
+    times = {k: [true[k] * f for f in slow[k]] for k in true}
+    naive = {k: _median_spread(v)[0] for k, v in times.items()}
+    assert naive["narrow"] > naive["mid"]  # the failure this guards against
+    est = drift_cancelled(times, "wide")
+    assert est["narrow"][0] == pytest.approx(0.25) and est["mid"][0] == pytest.approx(0.5)
+    assert est["wide"][0] == 1.0 and est["wide"][1] > 0  # the widest point's own spread is still checked
+    assert est["mid"][1] == 0.0  # its ratio never moved
+
+
+def test_table_points_of_one_op_keep_their_ratios_through_a_slow_spell(tmp_path, monkeypatch):
+    """The table build itself (``ensure``) with a timer whose machine is 3x slower for a spell of 7 timings in the
+    middle of the rounds: the points of one op keep their true ratios (cost ~ w_in * w_out here)."""
+    import fxprune.passes.latency_table as lt
+
+    calls = []
+
+    def fake_burst(sess, feed, inner=1, settle=0):
+        w_in, w_out = feed["x"].shape[-1], sess.get_outputs()[0].shape[-1]
+        calls.append((w_in, w_out))
+        return 1e-3 * w_in * w_out * (3.0 if 6 <= len(calls) - 1 <= 12 else 1.0)  # rounds 1-2 and one timing of 3
+
+    monkeypatch.setattr(lt, "time_burst", fake_burst)
+    t = LatencyTable("onnxruntime", 1, cache_dir=tmp_path, repeats=5, warmup=0, max_spread=50.0)
+    spec = OpSpec("linear", 8, (16,), bias=True)
+    t.ensure([(spec, 64, 64), (spec, 64, 256), (spec, 256, 256)])
+    ms = {(a, b): t.lookup(spec, a, b) for a, b in ((64, 64), (64, 256), (256, 256))}
+    assert ms[(64, 256)] / ms[(256, 256)] == pytest.approx(0.25, rel=1e-9)
+    assert ms[(64, 64)] / ms[(256, 256)] == pytest.approx(1 / 16, rel=1e-9)
+    assert len(calls) == 3 + 5 * 3  # one sizing run per width, then 5 interleaved rounds of all three
+    assert t.header["format"] == 4
 
 
 def test_failed_measurement_names_the_op(tmp_path):
