@@ -238,6 +238,32 @@ def test_calibration_when_the_unmodelled_share_shrinks_faster_than_the_table():
     assert rounds[-1]["miss"] <= 0.05, rounds
 
 
+def test_a_lucky_measurement_is_confirmed_before_it_ends_the_calibration():
+    """The first timing of the first selection comes out right on the target by luck (its true ratio is 0.65:
+    30% of the latency is outside the table); every later timing is the truth. Without confirmation the loop
+    stops on the lucky number; with it, the mean of the two timings misses, the loop goes on and ends on a
+    selection whose two timings agree with the target."""
+    levels = {g: list(range(64, 0, -4)) for g in range(6)}
+    model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
+    cum = {g: np.arange(65, dtype=np.float64) for g in levels}
+    truth = _true_ratio(model, 0.3, power=0.0)  # 70% in the table, 30% constant
+    calls = []
+
+    def measure(counts, r):
+        calls.append(r)
+        d, p, q = truth(counts, r)
+        return (d, 0.5 * p / q, 0.5) if len(calls) == 1 else (d, p, q)
+
+    rounds, _ = calibrate_selection(model, cum, 0.5, measure, rounds=4, tolerance=0.05, confirm=False)
+    assert len(rounds) == 1 and rounds[0]["measured_ratio"] == 0.5  # the lucky timing ends the loop
+    calls.clear()
+    rounds, counts = calibrate_selection(model, cum, 0.5, measure, rounds=4, tolerance=0.05, confirm=True)
+    assert rounds[0]["first_ratio"] == 0.5 and rounds[0]["confirm_ratio"] > 0.6 and rounds[0]["miss"] > 0.05
+    assert len(rounds) >= 2 and rounds[-1]["miss"] <= 0.05
+    assert rounds[-1]["first_ratio"] == rounds[-1]["confirm_ratio"]  # both timings of the last one: the truth
+    assert abs(truth(counts, 0)[2] / 0.5 - 1) <= 0.05
+
+
 def test_an_unreachable_measured_target_stops_at_the_floor():
     levels = {0: [64, 32]}
     model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
