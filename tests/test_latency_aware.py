@@ -122,6 +122,8 @@ def test_options_are_checked():
         LatencyPrune(target_latency=1.5)
     with pytest.raises(InputError, match="backend"):
         LatencyTable("tensorrt-nope", 2)
+    with pytest.raises(InputError, match="confirm"):
+        LatencyPrune(target_latency=0.5, confirm="yes")
 
 
 # ------------------------------------------------------------------------------------------------ selection
