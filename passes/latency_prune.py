@@ -42,7 +42,7 @@ from fxprune.records import SelectionRecord
 
 from . import importance as imp
 from .channel_prune import ChannelPrune, _checked_scores, _top_k, use_norm_mode
-from .latency_table import LatencyTable, OpSpec
+from .latency_table import BACKENDS, LatencyTable, OpSpec
 
 __all__ = ["LatencyPrune", "LatencyModel", "Width", "LatOp", "extract_ops", "group_levels", "select_widths",
            "calibrate_selection"]
@@ -375,8 +375,9 @@ class LatencyPrune(Pass):
     (compile with a batch-8 example to target batch 8).
 
     ``target_latency``: the target as a fraction of the dense model's latency (e.g. 0.5); or ``target_ms``:
-    an absolute target in milliseconds (exactly one of the two). ``backend``: ``"onnxruntime"`` (CPU; the only
-    backend with tables so far). ``threads``: intra-op threads of the measurements.
+    an absolute target in milliseconds (exactly one of the two). ``backend``: ``"onnxruntime"`` (CPU) or
+    ``"torch.compile"`` (CPU: op tables from torch's own conv/matmul kernels, end-to-end calibration of
+    ``torch.compile``'d dense and pruned modules). ``threads``: intra-op threads of the measurements.
     ``importance``, ``ignore``, ``max_ratio``, ``norms``: as in ChannelPrune (max_ratio: largest fraction of one
     group removed). ``step``: kept counts are multiples of it (and of the group's divisor); ``levels``: how many
     widths per group are measured and considered; ``grid``: grid points per dim for ops fed by several groups.
@@ -419,6 +420,13 @@ class LatencyPrune(Pass):
                           ("repeats_e2e", repeats_e2e, 3)):
             if not (isinstance(v, int) and v >= lo):
                 raise InputError(f"{nm} must be an int >= {lo}, got {v!r}", fix=f"e.g. {nm}={max(lo, 3)}")
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}",
+                             fix="backend='onnxruntime' or backend='torch.compile' (TensorRT tables are not "
+                                 "implemented)")
+        if dense_onnx is not None and backend != "onnxruntime":
+            raise InputError("dense_onnx is an ONNX file for backend='onnxruntime'",
+                             fix=f"leave dense_onnx out with backend={backend!r}")
         if not isinstance(confirm, bool):
             raise InputError(f"confirm must be True or False, got {confirm!r}", fix="e.g. confirm=True")
         if not (0 < tolerance < 1):
@@ -519,21 +527,13 @@ class LatencyPrune(Pass):
         table = model.table if model.table.fn is None else LatencyTable(
             self.backend, self.threads, persist=False, repeats=self.repeats, max_spread=self.max_spread)
         with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
-            dense_path = Path(self.dense_onnx) if self.dense_onnx else Path(tmp) / "dense.onnx"
-            if not self.dense_onnx:
-                _export(program.gm, program.args, dense_path)
-            inputs = _feed(dense_path, program.args)
-            dense_ms = table.time_model(dense_path, inputs, repeats=self.repeats_e2e)
+            if self.backend == "torch.compile":
+                dense_ms, measure = self._torch_timer(program, model, scores, table)
+            else:
+                dense_ms, measure = self._ort_timer(program, model, scores, table, Path(tmp))
             target = self.target_latency if self.target_latency is not None else self.target_ms / dense_ms
             stats["dense_ms_first"] = round(dense_ms, 3)
             stats["target_ratio"] = round(target, 4)
-
-            def measure(counts: dict[int, int], r: int) -> tuple[float, float, float]:
-                path = Path(tmp) / f"pruned{r}.onnx"
-                if not path.exists():  # a confirmation times the same round's file again
-                    _export(_shrunk(program, counts, model.levels, scores), program.args, path)
-                return _compare(table, dense_path, path, inputs, self.repeats_e2e)
-
             rounds, counts = calibrate_selection(model, cum, target, measure, rounds=self.calibrate,
                                                  tolerance=self.tolerance, confirm=self.confirm)
         stats["rounds"] = rounds
@@ -557,6 +557,40 @@ class LatencyPrune(Pass):
                 fix="raise calibrate= or tolerance=, measure on a quieter machine, or strict=False to keep the "
                     "closest selection")
         return counts
+
+
+    def _ort_timer(self, program: Program, model: LatencyModel, scores: dict[int, np.ndarray],
+                   table: LatencyTable, tmp: Path) -> tuple[float, Any]:
+        """The dense latency (ms) on ONNX Runtime, and ``measure(counts, round)``: the selection exported to ONNX
+        (once per round) and timed against the dense export."""
+        dense_path = Path(self.dense_onnx) if self.dense_onnx else tmp / "dense.onnx"
+        if not self.dense_onnx:
+            _export(program.gm, program.args, dense_path)
+        inputs = _feed(dense_path, program.args)
+        dense_ms = table.time_model(dense_path, inputs, repeats=self.repeats_e2e)
+
+        def measure(counts: dict[int, int], r: int) -> tuple[float, float, float]:
+            path = tmp / f"pruned{r}.onnx"
+            if not path.exists():  # a confirmation times the same round's file again
+                _export(_shrunk(program, counts, model.levels, scores), program.args, path)
+            return _compare(table, dense_path, path, inputs, self.repeats_e2e)
+        return dense_ms, measure
+
+    def _torch_timer(self, program: Program, model: LatencyModel, scores: dict[int, np.ndarray],
+                     table: LatencyTable) -> tuple[float, Any]:
+        """The dense latency (ms) of ``torch.compile(program.gm)`` on the CPU, and ``measure(counts, round)``: the
+        selection shrunk, compiled (once per round) and timed against the compiled dense module."""
+        args = tuple(program.args)
+        dense = torch.compile(program.gm, dynamic=False)
+        (dense_ms,), _ = table.compare_callables([dense], args, repeats=self.repeats_e2e)
+        compiled: dict[int, Any] = {}
+
+        def measure(counts: dict[int, int], r: int) -> tuple[float, float, float]:
+            if r not in compiled:  # a confirmation times the same round's module again
+                compiled[r] = torch.compile(_shrunk(program, counts, model.levels, scores), dynamic=False)
+            (d, p), (_, ratio) = table.compare_callables([dense, compiled[r]], args, repeats=self.repeats_e2e)
+            return d, p, ratio
+        return dense_ms, measure
 
 
 def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target: float,

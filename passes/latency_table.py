@@ -16,6 +16,10 @@ bias). :class:`LatencyTable` holds the measured latency of ``(spec, in width, ou
   ratios for all but the widest point) is above
   ``max_spread`` is measured again (``retries`` times); if it stays noisy, or a micro-graph fails to run,
   :class:`fxprune.errors.MeasurementError` names the op and the numbers (never a silently wrong table);
+* or measured with torch on the CPU (``backend="torch.compile"``: each point is the op as an eval-mode torch
+  module, timed eagerly with ``threads`` torch threads; torch.compile's CPU code calls these same aten/oneDNN
+  kernels for convolutions and matmuls, and the fused elementwise code around them is left to LatencyPrune's
+  end-to-end calibration, which times ``torch.compile``'d models); the same rounds, estimator and noise check;
 * cached on disk as JSON under ``~/.cache/fxprune/latency/<host>-<backend>-<version>-t<threads>.json`` (override the
   folder with ``cache_dir`` or ``FXPRUNE_LATENCY_CACHE``). The file records host, CPU, backend version and thread
   count; a file whose header differs (another machine, an upgraded onnxruntime, another format) is ignored and
@@ -46,7 +50,7 @@ __all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir", "drift
 #: 4: each point is its median per-round ratio to its op's widest point times that point's median (drift cancelled);
 #: 3: an untimed settle run before each burst; 2: a round is the fastest of its burst (1: median)
 TABLE_FORMAT = 4
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "torch.compile")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,11 @@ def default_cache_dir() -> Path:
 def _backend_version(backend: str) -> str:
     if backend not in BACKENDS:
         raise InputError(f"latency tables support backend in {BACKENDS}, got {backend!r}",
-                         fix="use backend='onnxruntime' (TensorRT and torch.compile tables are not implemented)")
+                         fix="use backend='onnxruntime' or 'torch.compile' (TensorRT tables are not implemented)")
+    if backend == "torch.compile":
+        import torch
+
+        return str(torch.__version__)
     try:
         import onnxruntime
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency of the onnx extra
@@ -223,6 +231,13 @@ class LatencyTable:
         return n
 
     def _measure_spec(self, spec: OpSpec, widths: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, float]]:
+        if self.backend == "onnxruntime":
+            return self._measure_runners(spec, self._ort_runners(spec, widths))
+        with torch_threads(self.threads):
+            return self._measure_runners(spec, self._torch_runners(spec, widths))
+
+    def _ort_runners(self, spec: OpSpec, widths: list[tuple[int, int]]) -> dict[tuple[int, int], Burst]:
+        """Per width: a timer of its one-node ONNX model in an onnxruntime session (this table's threads)."""
         import onnxruntime as rt
 
         so = rt.SessionOptions()
@@ -231,21 +246,47 @@ class LatencyTable:
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         rng = np.random.default_rng(self.seed)
-        sessions: dict[tuple[int, int], tuple[Any, dict[str, np.ndarray], int]] = {}
+        out: dict[tuple[int, int], Burst] = {}
         for wi, wo in widths:
             try:
                 model, x = micro_graph(spec, wi, wo, rng)
                 sess = rt.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
-                feed = {"x": x}
-                t = time_burst(sess, feed, 1)
-                for _ in range(self.warmup):
-                    t = min(t, time_burst(sess, feed, 1))
             except Exception as e:  # noqa: BLE001 - any failure of the micro-graph is a failed measurement
-                raise MeasurementError(f"timing {spec.key(wi, wo)} failed: {type(e).__name__}: {e}",
-                                       fix="check the onnxruntime install; exclude this layer with ignore=[...] or "
-                                           "rebuild the table with rebuild=True") from e
+                raise _failed(spec, wi, wo, e) from e
+            out[(wi, wo)] = lambda inner, settle, sess=sess, feed={"x": x}: time_burst(sess, feed, inner,
+                                                                                        settle=settle)
+        return out
+
+    def _torch_runners(self, spec: OpSpec, widths: list[tuple[int, int]]) -> dict[tuple[int, int], Burst]:
+        """Per width: a timer of the op as a torch module on the CPU (eager aten kernels: what torch.compile's
+        CPU code calls for convolutions and matmuls, its extern kernels; the fused elementwise code around them
+        is outside the table and left to the end-to-end calibration)."""
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed)
+        out: dict[tuple[int, int], Burst] = {}
+        for wi, wo in widths:
+            try:
+                mod, x = micro_module(spec, wi, wo, gen)
+            except Exception as e:  # noqa: BLE001
+                raise _failed(spec, wi, wo, e) from e
+            out[(wi, wo)] = lambda inner, settle, mod=mod, x=x: torch_burst(mod, (x,), inner, settle=settle)
+        return out
+
+    def _measure_runners(self, spec: OpSpec, runners: dict[tuple[int, int], Burst]
+                         ) -> dict[tuple[int, int], dict[str, float]]:
+        """Time every width of one op in interleaved rounds (see the module docstring) and estimate its points."""
+        rng = np.random.default_rng(self.seed)
+        sessions: dict[tuple[int, int], tuple[Burst, int]] = {}
+        for (wi, wo), run in runners.items():
+            try:
+                t = run(1, 0)
+                for _ in range(self.warmup):
+                    t = min(t, run(1, 0))
+            except Exception as e:  # noqa: BLE001 - any failure of the micro-graph is a failed measurement
+                raise _failed(spec, wi, wo, e) from e
             inner = int(min(25, max(3, math.ceil(self.min_time_ms / max(t, 1e-4)))))
-            sessions[(wi, wo)] = (sess, feed, inner)
+            sessions[(wi, wo)] = (run, inner)
         ref = max(sessions, key=lambda k: (k[0] * k[1], k))  # the widest point: timed in every round
         accepted: dict[tuple[int, int], tuple[float, float, int]] = {}  # key -> (ratio to ref, spread, rounds)
         ref_times: list[float] = []
@@ -257,8 +298,8 @@ class LatencyTable:
                 order = list(keys)
                 rng.shuffle(order)
                 for k in order:
-                    sess, feed, inner = sessions[k]
-                    times[k].append(time_burst(sess, feed, inner, settle=1))
+                    run, inner = sessions[k]
+                    times[k].append(run(inner, 1))
             ref_times += times[ref]
             estimates = drift_cancelled(times, ref)
             still = []
@@ -283,7 +324,7 @@ class LatencyTable:
             if not pending:
                 break
         ref_ms = float(np.median(ref_times))
-        return {k: {"ms": round(r * ref_ms, 6), "spread": round(sp, 4), "rounds": n, "inner": sessions[k][2]}
+        return {k: {"ms": round(r * ref_ms, 6), "spread": round(sp, 4), "rounds": n, "inner": sessions[k][1]}
                 for k, (r, sp, n) in accepted.items()}
 
     def time_model(self, path: str | os.PathLike, inputs: dict[str, np.ndarray], *, repeats: int = 9,
@@ -309,29 +350,118 @@ class LatencyTable:
         from fxprune.backends import onnxruntime as ort
 
         sessions = [ort.session(p, self.threads) for p in paths]
-        for s in sessions:
-            s.run(None, inputs)
+        for sess in sessions:
+            sess.run(None, inputs)
+        bursts = [lambda inner, settle, sess=sess: time_burst(sess, inputs, inner, settle=settle) for sess in sessions]
+        return self._interleaved(bursts, [os.path.basename(os.fspath(p)) for p in paths], repeats, inner)
+
+    def compare_callables(self, modules: list[Callable[..., Any]], args: tuple, *, repeats: int = 9,
+                          inner: int = 3) -> tuple[list[float], list[float]]:
+        """:meth:`compare_ratios` for torch callables (e.g. ``torch.compile``'d modules) run on ``args`` under
+        ``torch.inference_mode`` with this table's thread count: medians (ms) and median per-round ratios to the
+        first. Each is called once untimed first (a compiled module compiles on its first call)."""
+        with torch_threads(self.threads):
+            import torch
+
+            with torch.inference_mode():
+                for m in modules:
+                    m(*args)
+            bursts = [lambda inner, settle, m=m: torch_burst(m, args, inner, settle=settle) for m in modules]
+            return self._interleaved(bursts, [type(m).__name__ for m in modules], repeats, inner)
+
+    def _interleaved(self, bursts: list[Burst], labels: list[str], repeats: int, inner: int
+                     ) -> tuple[list[float], list[float]]:
         worst = float("inf")
         for attempt in range(self.retries + 1):
-            rounds = [[0.0] * len(sessions) for _ in range(repeats)]
+            rounds = [[0.0] * len(bursts) for _ in range(repeats)]
             for r in range(repeats):
-                k = r % len(sessions)
-                for i in list(range(k, len(sessions))) + list(range(k)):
-                    rounds[r][i] = time_burst(sessions[i], inputs, inner, settle=2)
+                k = r % len(bursts)
+                for i in list(range(k, len(bursts))) + list(range(k)):
+                    rounds[r][i] = bursts[i](inner, 2)
             arr = np.asarray(rounds)
-            if len(sessions) == 1:
+            if len(bursts) == 1:
                 worst = _median_spread(list(arr[:, 0]))[1]
             else:
-                worst = max(_median_spread(list(arr[:, i] / arr[:, 0]))[1] for i in range(1, len(sessions)))
+                worst = max(_median_spread(list(arr[:, i] / arr[:, 0]))[1] for i in range(1, len(bursts)))
             if worst <= self.max_spread:
-                return ([float(np.median(arr[:, i])) for i in range(len(sessions))],
-                        [float(np.median(arr[:, i] / arr[:, 0])) for i in range(len(sessions))])
-        what = "ratios to the first model" if len(paths) > 1 else "times"
-        raise MeasurementError(f"timing {', '.join(os.path.basename(os.fspath(p)) for p in paths)} is too noisy: "
+                return ([float(np.median(arr[:, i])) for i in range(len(bursts))],
+                        [float(np.median(arr[:, i] / arr[:, 0])) for i in range(len(bursts))])
+        what = "ratios to the first model" if len(bursts) > 1 else "times"
+        raise MeasurementError(f"timing {', '.join(labels)} is too noisy: "
                                f"relative spread {worst:.2f} of the per-round {what}"
                                f" is above max_spread={self.max_spread} after {self.retries + 1} attempts",
                                fix=f"measure on a quieter machine (load average now {_loadavg()}), raise repeats, or "
                                    "accept more noise with max_spread=")
+
+
+Burst = Callable[[int, int], float]  # (inner, settle) -> the fastest of `inner` timed runs after `settle` untimed
+
+
+def _failed(spec: OpSpec, wi: int, wo: int, e: Exception) -> MeasurementError:
+    return MeasurementError(f"timing {spec.key(wi, wo)} failed: {type(e).__name__}: {e}",
+                            fix="check the backend install; exclude this layer with ignore=[...] or rebuild the "
+                                "table with rebuild=True")
+
+
+class torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after."""
+
+    def __init__(self, n: int):
+        self.n, self.old = n, None
+
+    def __enter__(self) -> "torch_threads":
+        import torch
+
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        torch.set_num_threads(self.old)
+
+
+def torch_burst(fn: Callable[..., Any], args: tuple, inner: int = 1, settle: int = 0) -> float:
+    """The fastest (ms) of ``inner`` timed calls ``fn(*args)`` after ``settle`` untimed ones, under
+    ``torch.inference_mode`` (CPU: no synchronisation needed)."""
+    import time
+
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(settle):
+            fn(*args)
+        best = float("inf")
+        for _ in range(inner):
+            t0 = time.perf_counter()
+            fn(*args)
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def micro_module(spec: OpSpec, w_in: int, w_out: int, gen: Any) -> tuple[Any, Any]:
+    """The op of ``spec`` at ``(w_in, w_out)`` as an eval-mode torch module, and a random input for it (the same
+    shapes as :func:`micro_graph`)."""
+    import torch
+
+    if w_in < 1 or w_out < 1:
+        raise InputError(f"widths must be >= 1, got ({w_in}, {w_out}) for {spec.kind}")
+    if spec.kind == "conv":
+        groups = w_in if spec.depthwise else spec.groups
+        if spec.depthwise:
+            w_out = w_in
+        if w_in % groups or w_out % groups:
+            raise InputError(f"conv widths ({w_in}, {w_out}) are not multiples of groups={groups}")
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[len(spec.kernel)]
+        mod = conv(w_in, w_out, spec.kernel, spec.stride, spec.padding, spec.dilation, groups, bias=spec.bias)
+        x = torch.randn((spec.batch, w_in, *spec.spatial), generator=gen)
+    elif spec.kind == "linear":
+        mod = torch.nn.Linear(w_in, w_out, bias=spec.bias)
+        x = torch.randn((spec.batch, *spec.spatial, w_in), generator=gen)
+    else:
+        raise InputError(f"unknown op kind {spec.kind!r}", fix="'conv' or 'linear'")
+    return mod.eval().requires_grad_(False), x
 
 
 def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
