@@ -21,8 +21,11 @@ a shared 2-core machine, see ``MODELS``) and batch (1, 8), one worker subprocess
 * "at equal latency": the MACs-driven rows' MACs and importance, linearly interpolated along their measured
   latency curve at LatencyPrune's measured latency.
 
-The Fashion-MNIST fine-tune accuracy of the issue is not part of this run. The JSON records the load average
-before and after every worker: timings are only as quiet as the machine.
+``--backend torch.compile`` measures everything with torch.compile on the CPU instead (LatencyPrune's torch.compile
+tables and calibration; every row ``torch.compile``'d and timed against the compiled dense model), JSON
+``benchmarks/results/latency_aware_torch_compile.json``. The Fashion-MNIST fine-tune accuracy of the issue is
+``benchmarks/latency_aware_fmnist.py``. The JSON records the load average before and after every worker: timings
+are only as quiet as the machine.
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ def _log(msg: str) -> None:
         f.write(f"[{time.strftime('%H:%M:%S')}] {msg} (load {_load()})\n")
 
 
-def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, levels: int) -> dict:
+def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, levels: int,
+           backend: str = "onnxruntime") -> dict:
     setup_worker(threads)
     import torch
 
@@ -112,13 +116,16 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
 
     model, x = _build(name, batch)
     row: dict = {"model": name, "batch": batch, "input_shape": list(x[0].shape[1:]), "threads": threads,
-                 "load_before": _load(), "rows": []}
+                 "backend": backend, "load_before": _load(), "rows": []}
+    ort_backend = backend == "onnxruntime"
+    mods: dict[str, torch.nn.Module] = {"dense": model}  # torch.compile: the modules to time
     groups = fxprune.analyze(model, x)
     num_classes = getattr(model, "num_classes", None) or (1000 if name != "yolov8" else None)
     tmp = Path(tempfile.mkdtemp(prefix=f"fxprune-la-{name}-b{batch}-"))
     paths = {"dense": tmp / "dense.onnx"}
     t = time.perf_counter()
-    onnx_backend.export(fxprune.trace(model, x, {}), x, paths["dense"], dynamic_batch=False, check_parity=False)
+    if ort_backend:
+        onnx_backend.export(fxprune.trace(model, x, {}), x, paths["dense"], dynamic_batch=False, check_parity=False)
     row["dense_export_s"] = round(time.perf_counter() - t, 1)
     macs_dense = None
     for tgt in TARGETS:  # --- latency-aware
@@ -128,7 +135,8 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
         try:
             out = fxprune.compile(model, x, passes=[
                 LatencyPrune(target_latency=tgt, threads=threads, calibrate=calibrate, strict=False, levels=levels,
-                             repeats=5, max_spread=MAX_SPREAD, dense_onnx=str(paths["dense"])), Shrink()])
+                             repeats=5, max_spread=MAX_SPREAD, backend=backend,
+                             dense_onnx=str(paths["dense"]) if ort_backend else None), Shrink()])
         except Exception as e:  # noqa: BLE001 - a failed row is a result too
             r.update(status="error", error=first_line(e))
             row["rows"].append(r)
@@ -145,7 +153,9 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
                  table_points=st["table_points"], table_points_measured=st["table_points_measured"],
                  kept=st["kept"])
         paths[f"latency_prune@{tgt}"] = tmp / f"lp{tgt}.onnx"
-        onnx_backend.export(out, x, paths[f"latency_prune@{tgt}"], dynamic_batch=False, check_parity=False)
+        mods[f"latency_prune@{tgt}"] = out.module
+        if ort_backend:
+            onnx_backend.export(out, x, paths[f"latency_prune@{tgt}"], dynamic_batch=False, check_parity=False)
         row["rows"].append(r)
     for tgt in TARGETS:  # --- ChannelPrune(target_macs, round_to=8)
         r = {"method": "channel_prune_macs_r8", "target": tgt}
@@ -158,8 +168,10 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
                      params_kept=out.report.params_after / out.report.params_before,
                      importance_retained=round(importance_retained(model, x, counts), 4))
             paths[f"channel_prune_macs_r8@{tgt}"] = tmp / f"cp{tgt}.onnx"
-            onnx_backend.export(out, x, paths[f"channel_prune_macs_r8@{tgt}"], dynamic_batch=False,
-                                check_parity=False)
+            mods[f"channel_prune_macs_r8@{tgt}"] = out.module
+            if ort_backend:
+                onnx_backend.export(out, x, paths[f"channel_prune_macs_r8@{tgt}"], dynamic_batch=False,
+                                    check_parity=False)
         except Exception as e:  # noqa: BLE001
             r.update(status="error", error=first_line(e))
         row["rows"].append(r)
@@ -178,23 +190,33 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
             if macs_dense:
                 r["macs_kept"] = fxprune.analyze(m, x).macs() / macs_dense
             paths[f"torch_pruning_r8@{tgt}"] = tmp / f"tp{tgt}.onnx"
-            onnx_backend.export(m, x, paths[f"torch_pruning_r8@{tgt}"], dynamic_batch=False, check_parity=False)
+            mods[f"torch_pruning_r8@{tgt}"] = m
+            if ort_backend:
+                onnx_backend.export(m, x, paths[f"torch_pruning_r8@{tgt}"], dynamic_batch=False,
+                                    check_parity=False)
         except Exception as e:  # noqa: BLE001
             r.update(status="error", error=first_line(e))
         row["rows"].append(r)
     _log(f"{name} b{batch}: timing {len(paths) - 1} models against dense, pairwise")
     # --- every model timed against the dense one, one pair at a time
     names = list(paths)
-    table = LatencyTable("onnxruntime", threads, persist=False, max_spread=MAX_SPREAD, retries=2)
+    table = LatencyTable(backend, threads, persist=False, max_spread=MAX_SPREAD, retries=2)
     from fxprune.backends import onnxruntime as ort
 
-    feed = ort.feed(ort.session(paths["dense"], 1), x)
+    if ort_backend:
+        feed = ort.feed(ort.session(paths["dense"], 1), x)
+    else:  # torch.compile: every module compiled once (its first call), dense shared by every pair
+        compiled = {n: torch.compile(mods[n], dynamic=False) for n in names}
     t = time.perf_counter()
     try:  # each pruned model against dense, two sessions at a time (as LatencyPrune measures its selections)
         ms, ratios, dense_ms = [None], [1.0], []
         for n in names[1:]:
-            (d, v), (_, q) = table.compare_ratios([paths["dense"], paths[n]], feed, repeats=repeats,
-                                                  inner=3 if batch == 1 else 2)
+            if ort_backend:
+                (d, v), (_, q) = table.compare_ratios([paths["dense"], paths[n]], feed, repeats=repeats,
+                                                      inner=3 if batch == 1 else 2)
+            else:
+                (d, v), (_, q) = table.compare_callables([compiled["dense"], compiled[n]], x, repeats=repeats,
+                                                         inner=3 if batch == 1 else 2)
             dense_ms.append(d)
             ms.append(v)
             ratios.append(q)
@@ -277,9 +299,10 @@ def worker_main(argv: list[str]) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calibrate", type=int, default=3)
     ap.add_argument("--levels", type=int, default=6)
+    ap.add_argument("--backend", default="onnxruntime")
     a = ap.parse_args(argv)
     try:
-        row = worker(a.worker, a.batch, a.threads, a.repeats, a.calibrate, a.levels)
+        row = worker(a.worker, a.batch, a.threads, a.repeats, a.calibrate, a.levels, a.backend)
     except Exception as e:  # noqa: BLE001 - a failed row is a result too
         row = {"model": a.worker, "batch": a.batch, "status": "error", "error": first_line(e)}
     emit(row)
@@ -320,12 +343,14 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=3, help="LatencyPrune's calibration rounds")
     ap.add_argument("--levels", type=int, default=6, help="LatencyPrune's widths per group")
     ap.add_argument("--timeout", type=float, default=2400)
+    ap.add_argument("--backend", choices=("onnxruntime", "torch.compile"), default="onnxruntime",
+                    help="where latency is measured (tables, calibration and the final pairwise timing)")
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--recompute-importance", action="store_true",
                     help="recompute LatencyPrune rows' importance_retained from their kept counts (see the function)")
     a = ap.parse_args()
-    out = RESULTS / "latency_aware.json"
+    out = RESULTS / ("latency_aware.json" if a.backend == "onnxruntime" else "latency_aware_torch_compile.json")
     data = json.loads(out.read_text()) if out.exists() else {}
     rows: list[dict] = data.get("results", [])
     if a.recompute_importance:
@@ -344,7 +369,8 @@ def main() -> None:
             t = time.perf_counter()
             print(f"{m} batch {b} ...", flush=True)
             row = spawn(__file__, ["--worker", m, "--batch", str(b), "--threads", str(a.threads), "--repeats",
-                                   str(a.repeats), "--calibrate", str(a.calibrate), "--levels", str(a.levels)],
+                                   str(a.repeats), "--calibrate", str(a.calibrate), "--levels", str(a.levels),
+                                   "--backend", a.backend],
                         timeout=a.timeout)
             row.setdefault("model", m)
             row.setdefault("batch", b)
@@ -352,17 +378,17 @@ def main() -> None:
             rows = [r for r in rows if (r["model"], r["batch"]) != (m, b)] + [row]
             data = {
                 "description": "LatencyPrune(target_latency) vs ChannelPrune(target_macs, round_to=8) vs Torch-Pruning"
-                               " (round_to=8, same MACs), ONNX Runtime CPU, each row timed against dense in its own"
-                               " interleaved pair",
+                               f" (round_to=8, same MACs), {a.backend} on the CPU, each row timed against dense in its"
+                               " own interleaved pair",
                 "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-                "config": {"threads": a.threads, "repeats": a.repeats, "calibrate": a.calibrate, "levels": a.levels,
+                "config": {"backend": a.backend, "threads": a.threads, "repeats": a.repeats, "calibrate": a.calibrate, "levels": a.levels,
                            "max_spread": MAX_SPREAD,
                            "table_repeats": 5, "torch_pruning": "uniform ratio 1 - sqrt(target), round_to=8",
                            "inputs": {k: v[1] for k, v in MODELS.items()}, "targets": list(TARGETS)},
                 "goals": ["LatencyPrune measured latency within +-7% of every target",
                           "at equal measured latency LatencyPrune keeps more MACs and importance than both "
                           "MACs-driven rows"],
-                "missing": "Fashion-MNIST fine-tune accuracy (not run)",
+                "accuracy": "Fashion-MNIST fine-tune accuracy: benchmarks/latency_aware_fmnist.py",
                 "results": rows,
             }
             RESULTS.mkdir(parents=True, exist_ok=True)

@@ -233,7 +233,9 @@ def select_widths(model: LatencyModel, cum: dict[int, np.ndarray], target: float
     level) move with the smallest importance lost per unit of latency saved (moves saving nothing are never taken);
     up phase: while some move to a higher level still fits under ``target``, apply the one with the most importance
     gained per unit of latency added; then (one group down, another up) swaps that fit and keep more importance,
-    and the up phase again, until nothing changes. Raises BudgetError when even the lowest levels miss ``target``."""
+    and the up phase again, until nothing changes. When no single move lowers the latency before the target is met
+    (a measured table can make each group's next level alone no faster), the down phase jumps to the lowest levels
+    and the up phase climbs back. Raises BudgetError when even the lowest levels miss ``target``."""
     levels = model.levels
     counts = dict(start) if start is not None else {g: lv[0] for g, lv in levels.items()}
     pos = {g: levels[g].index(counts[g]) for g in levels}
@@ -270,9 +272,11 @@ def select_widths(model: LatencyModel, cum: dict[int, np.ndarray], target: float
                 r = dimp / dlat
                 if best is None or r < best[0] - 1e-15:
                     best = (r, g, j, k, dlat)
-        if best is None:
-            raise BudgetError(f"no width reduction lowers the predicted latency below {target:.4g} (now {total:.4g})",
-                              fix="raise target_latency or max_ratio")
+        if best is None:  # no single group's move helps (a measured table need not be monotone): the lowest
+            counts.update(floor_counts)  # widths meet the target (checked above); the up phase restores from there
+            pos.update({g: len(levels[g]) - 1 for g in levels})
+            total = model.total(counts)
+            break
         _, g, j, k, dlat = best
         counts[g], pos[g] = k, j
         total -= dlat

@@ -185,6 +185,24 @@ def test_unreachable_target_is_a_budget_error():
         select_widths(model, cum, 0.01)
 
 
+def test_selection_when_no_single_group_move_is_faster():
+    """A measured table need not be monotone: here shrinking either group alone makes the op between them slower
+    (misaligned widths), and only both together are faster. The greedy used to stop with a BudgetError; it now
+    takes the lowest widths, which meet the target, and climbs back from there."""
+    fc0, fc1, head = (OpSpec("linear", b, (), bias=True) for b in (1, 2, 3))
+    ms = {(1, 32, 64): 1.0, (1, 32, 32): 0.9, (2, 64, 64): 1.0, (2, 32, 64): 1.5, (2, 64, 32): 1.5,
+          (2, 32, 32): 0.5, (3, 64, 10): 1.0, (3, 32, 10): 0.9}
+    g0, g1 = Width(0.0, {0: 1.0}), Width(0.0, {1: 1.0})
+    ops = [LatOp("fc0", fc0, Width(32.0), g0), LatOp("fc1", fc1, g0, g1), LatOp("head", head, g1, Width(10.0))]
+    model = LatencyModel(ops, LatencyTable.synthetic(lambda sp, a, b: ms[(sp.batch, a, b)]), {0: [64, 32],
+                                                                                             1: [64, 32]}, grid=2)
+    cum = {g: np.arange(65, dtype=np.float64) for g in (0, 1)}
+    assert model.total({0: 64, 1: 64}) == pytest.approx(3.0)
+    assert model.total({0: 32, 1: 64}) > 3.0 and model.total({0: 64, 1: 32}) > 3.0
+    counts = select_widths(model, cum, 2.5)
+    assert counts == {0: 32, 1: 32} and model.total(counts) == pytest.approx(2.3)
+
+
 # ------------------------------------------------------------------------------------------------ calibration
 def _true_ratio(model: LatencyModel, share: float, noise: list[float] | None = None, power: float = 1.0):
     """An end-to-end 'machine': ratio = (1 - share) * f + share * f**power with f = table_sum / dense_sum
