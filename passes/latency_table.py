@@ -47,9 +47,10 @@ from fxprune.errors import BackendUnavailableError, InputError, MeasurementError
 
 __all__ = ["OpSpec", "LatencyTable", "TABLE_FORMAT", "default_cache_dir", "drift_cancelled"]
 
+#: 5: sessions stop spinning after each run (an idle session's spinning threads slowed the timed one up to 2.5x);
 #: 4: each point is its median per-round ratio to its op's widest point times that point's median (drift cancelled);
 #: 3: an untimed settle run before each burst; 2: a round is the fastest of its burst (1: median)
-TABLE_FORMAT = 4
+TABLE_FORMAT = 5
 BACKENDS = ("onnxruntime", "torch.compile")
 
 
@@ -245,6 +246,7 @@ class LatencyTable:
         so.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.force_spinning_stop", "1")  # idle sessions must not spin: ort.session
         rng = np.random.default_rng(self.seed)
         out: dict[tuple[int, int], Burst] = {}
         for wi, wo in widths:
@@ -349,7 +351,7 @@ class LatencyTable:
         estimate than the ratio of the medians."""
         from fxprune.backends import onnxruntime as ort
 
-        sessions = [ort.session(p, self.threads) for p in paths]
+        sessions = [ort.session(p, self.threads, stop_spinning=True) for p in paths]  # see ort.session
         for sess in sessions:
             sess.run(None, inputs)
         bursts = [lambda inner, settle, sess=sess: time_burst(sess, inputs, inner, settle=settle) for sess in sessions]
