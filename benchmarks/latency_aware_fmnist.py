@@ -26,9 +26,7 @@ is recorded per seed).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -41,20 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 from _common import RESULTS, first_line, setup_worker  # noqa: E402
-from latency_aware import MAX_SPREAD, TARGETS, _interp, _load  # noqa: E402
+from latency_aware import MAX_SPREAD, TARGETS, _interp, _load, _tp_at_macs  # noqa: E402
 
 METHODS = ("latency_prune", "channel_prune_macs_r8", "torch_pruning_r8")
-
-
-def _tp(model, x, frac: float):
-    """Torch-Pruning at about ``frac`` of the MACs (uniform ratio ``1 - sqrt(frac)``, round_to=8, fc ignored)."""
-    import torch_pruning as tp
-
-    m = copy.deepcopy(model)
-    pr = tp.pruner.BasePruner(m, example_inputs=x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                              pruning_ratio=1 - math.sqrt(frac), round_to=8, ignored_layers=[m.fc])
-    pr.step()
-    return m
 
 
 def sgd(params, lr: float, steps: int):
@@ -117,7 +104,7 @@ def one_seed(seed: int, a: argparse.Namespace) -> dict:
                     r["verified"] = c.report.verified
                     m = c.module
                 else:
-                    m = _tp(model, x[0], tgt)
+                    m = _tp_at_macs(model, x[0], tgt, num_classes=10)[0]
                 counts = kept_counts(groups, m)
                 r.update(status="ok", compile_s=round(time.perf_counter() - t, 1),
                          macs_kept=round(fxprune.analyze(m, x).macs() / macs_dense, 4),

@@ -442,19 +442,28 @@ def torch_burst(fn: Callable[..., Any], args: tuple, inner: int = 1, settle: int
     return best
 
 
+def _checked_widths(spec: OpSpec, w_in: int, w_out: int) -> tuple[int, int]:
+    """``(groups, w_out)`` of ``spec`` at these widths (a depthwise conv's output width is its input width);
+    InputError for widths below 1 or not divisible by a conv's groups."""
+    if w_in < 1 or w_out < 1:
+        raise InputError(f"widths must be >= 1, got ({w_in}, {w_out}) for {spec.kind}")
+    if spec.kind != "conv":
+        return 1, w_out
+    groups = w_in if spec.depthwise else spec.groups
+    if spec.depthwise:
+        w_out = w_in
+    if w_in % groups or w_out % groups:
+        raise InputError(f"conv widths ({w_in}, {w_out}) are not multiples of groups={groups}")
+    return groups, w_out
+
+
 def micro_module(spec: OpSpec, w_in: int, w_out: int, gen: Any) -> tuple[Any, Any]:
     """The op of ``spec`` at ``(w_in, w_out)`` as an eval-mode torch module, and a random input for it (the same
     shapes as :func:`micro_graph`)."""
     import torch
 
-    if w_in < 1 or w_out < 1:
-        raise InputError(f"widths must be >= 1, got ({w_in}, {w_out}) for {spec.kind}")
+    groups, w_out = _checked_widths(spec, w_in, w_out)
     if spec.kind == "conv":
-        groups = w_in if spec.depthwise else spec.groups
-        if spec.depthwise:
-            w_out = w_in
-        if w_in % groups or w_out % groups:
-            raise InputError(f"conv widths ({w_in}, {w_out}) are not multiples of groups={groups}")
         conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[len(spec.kernel)]
         mod = conv(w_in, w_out, spec.kernel, spec.stride, spec.padding, spec.dilation, groups, bias=spec.bias)
         x = torch.randn((spec.batch, w_in, *spec.spatial), generator=gen)
@@ -471,16 +480,10 @@ def micro_graph(spec: OpSpec, w_in: int, w_out: int, rng: np.random.Generator) -
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    if w_in < 1 or w_out < 1:
-        raise InputError(f"widths must be >= 1, got ({w_in}, {w_out}) for {spec.kind}")
+    groups, w_out = _checked_widths(spec, w_in, w_out)
     f32 = np.float32
     inits, nodes = [], []
     if spec.kind == "conv":
-        groups = w_in if spec.depthwise else spec.groups
-        if spec.depthwise:
-            w_out = w_in
-        if w_in % groups or w_out % groups:
-            raise InputError(f"conv widths ({w_in}, {w_out}) are not multiples of groups={groups}")
         x = rng.standard_normal((spec.batch, w_in, *spec.spatial)).astype(f32)
         w = (rng.standard_normal((w_out, w_in // groups, *spec.kernel)) * 0.1).astype(f32)
         inits.append(numpy_helper.from_array(w, "w"))
