@@ -40,6 +40,8 @@ changed. Only load folders you trust all the same: a program is code that runs.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import math
@@ -479,6 +481,7 @@ def load_program(data: bytes, path: str | os.PathLike = FILES["program"]) -> Any
     (see the module doc); :class:`LoadError` otherwise. Returns the ExportedProgram."""
     path = Path(path)
     _check_pt2(data, path)
+    _import_hf_output_types(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -489,6 +492,25 @@ def load_program(data: bytes, path: str | os.PathLike = FILES["program"]) -> Any
                             f"torch version (this is {torch.__version__})") from e
     _check_graph(ep, path)
     return ep
+
+
+_HF_NAME = re.compile(rb"transformers\.(?:[A-Za-z_][A-Za-z0-9_]*\.)+[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _import_hf_output_types(data: bytes) -> None:
+    """A HuggingFace model's program returns a ``ModelOutput`` (e.g. ``CausalLMOutputWithPast``), which
+    ``torch.export.load`` can rebuild only once transformers has registered that class as a pytree node, i.e. once
+    the module that defines it is imported. Import the ``transformers.*`` modules whose classes the program names
+    (only modules of the installed transformers package: no other name in the file is imported)."""
+    names = {m.decode() for m in _HF_NAME.findall(data)}
+    if not names or importlib.util.find_spec("transformers") is None:
+        return
+    for mod in sorted({n.rsplit(".", 1)[0] for n in names}):
+        try:
+            if importlib.util.find_spec(mod) is not None:
+                importlib.import_module(mod)
+        except (ImportError, ValueError):  # a class path, not a module: its parent was imported already
+            continue
 
 
 def _saved_torch(d: Path) -> str:

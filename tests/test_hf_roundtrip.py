@@ -116,3 +116,29 @@ def test_plain_input_ids_trace():
                           passes=[ChannelPrune(ratio=0.25, scope="uniform", norms="exact"), Shrink()])
     assert out.report.verified is True
     assert out.module(input_ids=torch.randint(0, 96, (2, 12))).logits.shape == (2, 12, 96)
+
+
+def test_fxprune_load_of_a_stock_causal_lm_in_a_fresh_process(tmp_path):
+    """A stock causal LM compiled with plain ``input_ids`` returns a ``CausalLMOutputWithPast``; a fresh process
+    that has not imported transformers' modeling modules used to fail in ``torch.export.load`` ("Deserializing
+    transformers.modeling_outputs.CausalLMOutputWithPast in pytree is not registered"). The loaded program is
+    static: it runs at the example's shape (shapes other than the example are a known limitation)."""
+    m = _llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    out = fxprune.compile(m, {"input_ids": ids}, passes=[ChannelPrune(ratio=0.25), Shrink()])
+    out.save(tmp_path / "c")
+    with torch.no_grad():
+        ref = out.module(input_ids=ids).logits
+    torch.save({"ids": ids, "ref": ref}, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch, fxprune
+assert "transformers.modeling_outputs" not in sys.modules
+z = torch.load({str(tmp_path / 'ref.pt')!r})
+c = fxprune.load({str(tmp_path / 'c')!r})
+o = c.module(input_ids=z["ids"])
+print(type(o).__name__, float((o.logits - z["ref"]).abs().max()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name, diff = r.stdout.strip().splitlines()[-1].split()
+    assert name == "CausalLMOutputWithPast" and float(diff) == 0.0
