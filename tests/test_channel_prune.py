@@ -62,6 +62,45 @@ def test_round_to_and_global_scope():
     assert abs((total_before - total_after) / total_before - 0.5) < 0.15
 
 
+class _EqualWidths(nn.Module):
+    """Four 3x3 convs of 32 channels and one of 24: with alike random scores every group crosses a rounding step
+    at the same ratio."""
+
+    def __init__(self, ch=(3, 32, 32, 32, 32, 24)):
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU())
+                                     for a, b in zip(ch, ch[1:])])
+        self.head = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.convs(x))
+
+
+def test_target_macs_with_round_to_fills_what_rounding_left_of_the_budget():
+    """The bisection's ratio alone kept 0.31 of the MACs for target_macs=0.5 under round_to=16 on the YOLOv8-style
+    detector: every 32-channel group jumped to 16 at once. What is left of the budget is given back 16 channels at
+    a time, so the result is just under the target."""
+    torch.manual_seed(0)
+    m, x = _EqualWidths().eval(), torch.randn(1, 3, 16, 16)
+    for scope in ("local", "global"):
+        out = fxprune.compile(m, x, passes=[ChannelPrune(target_macs=0.5, round_to=16, scope=scope), Shrink()])
+        frac = out.report.macs_after / out.report.macs_before
+        assert 0.4 < frac <= 0.5 + 1e-9, (scope, frac)
+        assert out.report.verified and out.report.passes[0]["stats"]["units_filled"] > 0
+        assert all(r.after % 16 == 0 or r.after == r.before for r in out.report.groups if r.frozen is None)
+
+
+def test_round_to_larger_than_what_a_group_sheds_keeps_it_whole():
+    """ChannelPrune(ratio=0.2, round_to=16) on MobileNetV2 raised PassError ('group keeps 24 channels, not a
+    multiple of 16'): a 24-channel group rounded up to its whole width was still given the divisor 16."""
+    torch.manual_seed(0)
+    m, x = _EqualWidths((3, 64, 64, 24)).eval(), torch.randn(1, 3, 16, 16)
+    out = fxprune.compile(m, x, passes=[ChannelPrune(0.3, round_to=16), Shrink()])
+    assert out.report.verified
+    kept = sorted(r.after for r in out.report.groups if r.frozen is None)
+    assert kept == [24, 48, 48]  # 64 - 19 = 45 -> 48; 24 - 7 = 17 -> 32, capped at the whole 24
+
+
 def test_ignore_by_module_and_name():
     m, x = build("residual_chain")
     out = fxprune.compile(m, x, passes=[ChannelPrune(0.5, ignore=[m.b1, "b2.0"]), Shrink()])

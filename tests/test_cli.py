@@ -243,7 +243,7 @@ def test_option_docs_whole_clauses_numpydoc_and_google():
 
     reg = registry()
     cp = option_docs(reg["channel_prune"])
-    assert cp["target_macs"].endswith("the ratio is found by bisection on the analytic MACs model.")
+    assert cp["target_macs"].endswith("filled back (round_to channels at a time, most important first).")
     assert cp["round_to"] == "round_to keeps channel counts multiples of it."
     bs = option_docs(reg["block_sparsity"])
     assert bs["calib"] == "Calibration loader (default: compile(data=...))."
