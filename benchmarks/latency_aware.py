@@ -51,6 +51,9 @@ TARGETS = (0.7, 0.5, 0.3)
 #: largest relative spread (IQR / median of the rounds) accepted, tables and end to end: 1.0 rather than the
 #: library's 0.5 because this machine ran at load averages of 15-50 on 2 cores while the numbers were taken
 MAX_SPREAD = 1.0
+#: final timing: a pair whose dense time is above DISTURBED x the fastest dense time of the run is timed again after
+#: WAIT_S seconds, RETIMES times at most
+DISTURBED, RETIMES, WAIT_S = 1.15, 6, 10.0
 
 
 def _load() -> list[float]:
@@ -208,15 +211,30 @@ def worker(name: str, batch: int, threads: int, repeats: int, calibrate: int, le
     else:  # torch.compile: every module compiled once (its first call), dense shared by every pair
         compiled = {n: torch.compile(mods[n], dynamic=False) for n in names}
     t = time.perf_counter()
+    def pair(n: str) -> tuple[float, float, float]:
+        if ort_backend:
+            (d, v), (_, q) = table.compare_ratios([paths["dense"], paths[n]], feed, repeats=repeats,
+                                                  inner=3)  # as LatencyPrune times its selections
+        else:
+            (d, v), (_, q) = table.compare_callables([compiled["dense"], compiled[n]], x, repeats=repeats,
+                                                     inner=3)  # as LatencyPrune times its selections
+        return d, v, q
+
+    row["retimed"] = {}
+    seen = [pr["dense_ms"] for r in row["rows"] for pr in (r.get("pass_rounds") or [])]  # LatencyPrune's timings
     try:  # each pruned model against dense, two sessions at a time (as LatencyPrune measures its selections)
         ms, ratios, dense_ms = [None], [1.0], []
         for n in names[1:]:
-            if ort_backend:
-                (d, v), (_, q) = table.compare_ratios([paths["dense"], paths[n]], feed, repeats=repeats,
-                                                      inner=3 if batch == 1 else 2)
-            else:
-                (d, v), (_, q) = table.compare_callables([compiled["dense"], compiled[n]], x, repeats=repeats,
-                                                         inner=3 if batch == 1 else 2)
+            d, v, q = pair(n)
+            # the machine has slow spells (the dense detector at batch 8 timed 28 ms for minutes where it times 22
+            # otherwise; other tenants of the host) that do not slow two models alike: a pair whose dense time is
+            # > DISTURBED x the fastest dense time of this run (LatencyPrune's included) waits and is timed again
+            for attempt in range(RETIMES):
+                if not dense_ms + seen or d <= DISTURBED * min(dense_ms + seen):
+                    break
+                row["retimed"].setdefault(n, []).append(round(d, 3))
+                time.sleep(WAIT_S)
+                d, v, q = pair(n)
             dense_ms.append(d)
             ms.append(v)
             ratios.append(q)

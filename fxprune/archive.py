@@ -6,8 +6,10 @@
 
 A save folder holds:
 
-* ``program.pt2``: the shrunk GraphModule re-exported with ``torch.export`` (dynamic batch when the compiled
-  program has one) and written with ``torch.export.save``; :func:`load` gives it back as ``Compiled.module``.
+* ``program.pt2``: the shrunk GraphModule re-exported with ``torch.export`` (the compiled program's dynamic dims:
+  batch, sequence length; the batch alone or static shapes where torch.export refuses them) and written with
+  ``torch.export.save``; :func:`load` gives it back as ``Compiled.module``, whose inputs are checked with
+  fxprune's readable errors (a dim the program fixes is named, not torch's bare guard failure).
 * ``weights.pt``: every parameter and buffer of the pruned module by its qualified name (the names of the
   original model, tied tensors under each of their names); ``inputs.pt`` / ``outputs.pt``: the example inputs
   and the pruned module's outputs on them. Plain tensor containers, read with ``torch.load(weights_only=True)``.
@@ -581,12 +583,58 @@ def _record_from_keep(params: Mapping[str, Any]) -> ShrinkRecord | None:
                         {n: tuple(e["orig_shape"]) for n, e in params.items()})
 
 
+class _LoadedInputs:
+    """Forward pre-hook of a loaded program: its inputs checked against the shapes program.pt2 accepts, with an
+    :class:`InputError` naming the input and dim (torch.export's own guard fails with a bare AssertionError)."""
+
+    def __init__(self, check: nn.Module, keys: list[str]):
+        self.check, self.keys = check, keys
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ordered = {k: kwargs[k] for k in self.keys if k in kwargs}
+        if len(ordered) != len(kwargs):
+            return None  # an unexpected keyword: torch's own check names it
+        flat = tree_flatten((tuple(args), ordered))[0]
+        if len(flat) == len(self.check.spec.inputs):
+            self.check(*flat)
+        return None
+
+
+def check_loaded_inputs(module: nn.Module, ep: Any, args: tuple, kwargs: dict) -> None:
+    """Give ``module`` (``ep.module()`` of a saved program) the readable input checks of a compiled module: the
+    dims program.pt2 fixed and the ranges of those it keeps dynamic, from its placeholders (no check is added when
+    they cannot be matched to the saved example inputs)."""
+    from .module import LoadedInputCheck
+    from .trace import _Attempt, _sym_name_map
+
+    leaves = tree_flatten((tuple(args), dict(kwargs)))[0]
+    try:
+        spec = _sym_name_map(module, ep, _Attempt("loaded", tuple(args), dict(kwargs), None, {}), leaves)
+    except Exception:  # noqa: BLE001 - a program whose placeholders we cannot read keeps torch's checks only
+        return
+    if len(spec.inputs) != len(leaves):
+        return
+    module.register_forward_pre_hook(_LoadedInputs(LoadedInputCheck(spec), list(kwargs)), with_kwargs=True)
+
+
 # ================================================================================================ save
 def _reexport(module: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> tuple[Any, bool]:
+    """``torch.export`` of the pruned module for program.pt2, and whether its batch is dynamic: every dynamic
+    dim of a :class:`~fxprune.module.PrunedModule` (batch, sequence length, ... named as in the report) when
+    torch.export accepts them, else the batch alone (``dynamic``), else static shapes."""
     from .trace import _batch_dynamic_shapes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        export_inputs = getattr(module, "export_inputs", None)
+        if callable(export_inputs):
+            try:
+                a, k, shapes = export_inputs(args, kwargs)
+                if shapes is not None:
+                    ep = torch.export.export(module, a, k, strict=False, dynamic_shapes=shapes)
+                    return ep, any(0 in dims for dims in module.dynamic_shapes().values())
+            except Exception:  # noqa: BLE001 - fall back to the batch alone
+                pass
         if dynamic:
             try:
                 return torch.export.export(module, args, kwargs, strict=False,
@@ -814,6 +862,7 @@ def load(folder: str | os.PathLike, *, check: bool = True) -> Compiled:
     ref = f.outputs() if check else None
     f.verify()
     module = ep.module()
+    check_loaded_inputs(module, ep, args, kwargs)
     if ref is not None:
         try:
             got = _out_leaves(_run(module, args, kwargs))

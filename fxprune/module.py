@@ -134,6 +134,15 @@ class InputCheck(nn.Module):
                 "compile with dynamic={...} to make more dims dynamic")
 
 
+class LoadedInputCheck(InputCheck):
+    """:class:`InputCheck` for a program loaded with :func:`fxprune.load` (a forward pre-hook there)."""
+
+    def _fix(self) -> str:
+        return ("pass inputs shaped like the example the program was compiled with (only the dims named above "
+                "vary); for other shapes compile with an example of that shape, or with dynamic={...}, and save "
+                "again")
+
+
 def _tracing(flat: tuple) -> bool:
     from .utils import is_symbolic
 

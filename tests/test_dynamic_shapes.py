@@ -213,3 +213,38 @@ def test_a_batch1_example_whose_size2_trace_guards_against_it_falls_back():
     out = fxprune.compile(model, x, passes=[ChannelPrune(ratio=0.5), Shrink()])
     assert out.report.verified
     assert out.module(*x).shape == model(*x).shape == (1, 4, 8, 8)  # and it runs at the example's batch
+
+
+def test_a_saved_and_loaded_llama_keeps_its_dynamic_sequence_length(tmp_path):
+    """program.pt2 was re-exported with the batch alone dynamic, so a pruned LM loaded with fxprune.load ran only at
+    the example's sequence length (torch.export's bare 'AssertionError: Guard failed: input_ids.size()[1] == 16'
+    at any other). Every dynamic dim of the compiled module is kept; dims the program fixes get fxprune's readable
+    error."""
+    m = _tiny_llama()
+    out = fxprune.compile(m, (torch.randint(0, 128, (2, 16)),), passes=[ChannelPrune(0.5), Shrink()])
+    out.save(tmp_path / "lm")
+    back = fxprune.load(tmp_path / "lm")
+    for b, t in ((3, 9), (1, 5), (2, 31)):
+        ids = torch.randint(0, 128, (b, t))
+        with torch.no_grad():
+            torch.testing.assert_close(back.module(ids).logits, out.module(ids).logits, rtol=1e-4, atol=1e-5)
+    only_batch = fxprune.compile(m, (torch.randint(0, 128, (2, 16)),), passes=[ChannelPrune(0.5), Shrink()],
+                                 dynamic={"input_ids": {0: "batch"}})
+    only_batch.save(tmp_path / "static_seq")
+    fixed = fxprune.load(tmp_path / "static_seq")
+    assert fixed.module(torch.randint(0, 128, (3, 16))).logits.shape == (3, 16, 128)
+    with pytest.raises(InputError, match="dim 1 is fixed at 16") as e:
+        fixed.module(torch.randint(0, 128, (3, 7)))
+    assert "save again" in e.value.fix
+
+
+def test_a_loaded_cnn_names_the_dim_it_fixes(tmp_path):
+    torch.manual_seed(0)
+    out = fxprune.compile(Small().eval(), (torch.randn(2, 3, 16, 16),), passes=[ChannelPrune(0.5), Shrink()])
+    out.save(tmp_path / "cnn")
+    back = fxprune.load(tmp_path / "cnn")
+    assert back.module(torch.randn(5, 3, 16, 16)).shape == (5, 5)  # the batch stays dynamic
+    with pytest.raises(InputError, match=r"dim 2 is fixed at 16"):
+        back.module(torch.randn(2, 3, 20, 20))
+    with pytest.raises(InputError, match="has 3 dims"):
+        back.module(torch.randn(3, 16, 16))

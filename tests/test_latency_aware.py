@@ -287,7 +287,7 @@ def test_a_lucky_measurement_is_confirmed_before_it_ends_the_calibration():
 def test_a_timing_taken_while_the_machine_was_disturbed_is_taken_again():
     """YOLOv8 at batch 1 (measured): one calibration round timed dense at 6.1 ms where every other round saw
     3.3-3.7 ms, and its ratio (0.376 for a selection that measures 0.27-0.30) was off with it. A timing whose dense
-    latency is more than 1.25x the median so far is taken again; without the check the loop stops on the
+    latency is more than 1.15x the fastest so far is taken again; without the check the loop stops on the
     disturbed number or is misled by it."""
     levels = {g: list(range(64, 0, -4)) for g in range(6)}
     model = _chain(levels, lambda s, a, b: 0.01 + 1e-4 * a * b)
@@ -445,3 +445,47 @@ def test_latency_prune_calibrates_against_torch_compile(tmp_path):
     assert 1 <= len(st["rounds"]) <= 2 and 0 < st["measured_ratio"] < 1.0
     assert "torch.compile" in st["table_file"]
     assert out.module(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def _blocked(block):
+    def fn(spec, a, b):
+        pad = lambda w: -(-w // block) * block  # noqa: E731
+        pixels = spec.spatial[0] * spec.spatial[1] if spec.kind == "conv" else 1
+        taps = spec.kernel[0] * spec.kernel[1] if spec.kind == "conv" else 1
+        per = pad(b) if spec.depthwise else pad(a) * pad(b) // spec.groups
+        return 0.001 + 1e-7 * spec.batch * pixels * taps * per
+    return fn
+
+
+@pytest.mark.parametrize("block, want", [(16, 16), (8, 8), (1, 8), (32, 32)])
+def test_the_step_is_the_measured_channel_granularity(block, want):
+    """ONNX Runtime's NCHWc convolutions on this AVX-512 machine cost the same at 56 channels as at 64 (measured:
+    0.573 vs 0.567 ms for a 3x3 conv at 40x40), 48 and 40 alike, 32 half: widths of 8 buy nothing there, and
+    LatencyPrune at step 16 kept 0.43 of the detector's MACs at 0.51 of its latency where step 8 kept 0.39 at 0.49.
+    step='auto' measures the granularity on the model's costliest op."""
+    from fxprune.passes.latency_prune import probe_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(96, 128, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(128, 96, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(96, 10, 1)).eval()
+    x = (torch.randn(1, 3, 16, 16),)
+    table = LatencyTable.synthetic(_blocked(block))
+    out = fxprune.compile(model, x, passes=[LatencyPrune(target_latency=0.5, table=table, measure=False), Shrink()])
+    st = out.report.passes[0]["stats"]
+    assert st["step"] == want and st["step_probe"]["width"] == 128, st["step_probe"]
+    assert st["predicted_ratio"] <= 0.5
+    groups = fxprune.analyze(model, x)
+    assert all(k % want == 0 or k == groups[gid].size for gid, k in st["kept"].items()), st["kept"]
+    assert out.report.verified
+    ops = [LatOp("fc", OpSpec("linear", 1, (), bias=True), Width(48.0), Width(48.0))]  # too narrow to probe
+    step, rec = probe_step(ops, table, {})
+    assert step == 8 and "no conv/linear op" in rec["note"]
+
+
+def test_step_is_validated():
+    with pytest.raises(InputError, match="step must be 'auto' or an int"):
+        LatencyPrune(target_latency=0.5, step="fast")
+    with pytest.raises(InputError, match="step must be 'auto' or an int"):
+        LatencyPrune(target_latency=0.5, step=0)
