@@ -593,7 +593,7 @@ class LatencyPrune(Pass):
                                                  tolerance=self.tolerance, confirm=self.confirm, dense_ms=dense_ms,
                                                  wait_s=5.0)
         stats["rounds"] = rounds
-        best = min(rounds, key=lambda row: row["miss"])
+        best = min([row for row in rounds if not row.get("slow_spell")] or rounds, key=lambda row: row["miss"])
         stats.update(predicted_ratio=best["predicted_ratio"], measured_ratio=best["measured_ratio"],
                      predicted_ms=best["predicted_ms"], measured_ms=best["pruned_ms"], dense_ms=best["dense_ms"],
                      target_miss=round(best["miss"], 4))
@@ -666,7 +666,8 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
     YOLOv8-style detector at batch 8 timed 28 ms instead of 22 for minutes, other tenants of the host), which do not
     slow two models alike (its selections' ratios moved by up to 0.1): it is timed again after ``wait_s``
     seconds, ``retimes`` times at most, and the last timing is kept (the discarded dense timings are in the
-    record as ``disturbed_dense_ms``).
+    record as ``disturbed_dense_ms``). Spells also end: once a faster dense timing shows that earlier rounds ran
+    in one, those rounds (``slow_spell`` in their record) are left out of the fit and of the choice of the result.
 
     ``measure(counts, round) -> (dense_ms, pruned_ms, ratio)`` times a selection against the dense model. Budgets
     stay within [lowest widths, dense]; when the lowest widths are measured and are still slower than the target
@@ -677,14 +678,18 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
     floor = model.total({g: lv[-1] for g, lv in model.levels.items()})
     pts = [(p_dense, 1.0)]  # (table sum, measured ratio to dense)
     records: list[dict[str, Any]] = []
-    best: tuple[float, dict[int, int]] | None = None
     budget = target * p_dense  # first guess: latency proportional to the table sum
     dense_seen = [dense_ms] if dense_ms else []
+    fitted: list[tuple[float, float, float]] = []  # (table sum, ratio, the dense time it was measured with)
+    chosen: list[dict[int, int]] = []  # each record's counts
+
+    def quiet(d: float) -> bool:
+        return not dense_seen or d <= disturbed * min(dense_seen)
 
     def timed(counts: dict[int, int], r: int, extra: dict[str, Any]) -> tuple[float, float, float]:
         for attempt in range(retimes + 1):
             d, p, q = measure(counts, r)
-            if not dense_seen or d <= disturbed * min(dense_seen) or attempt == retimes:
+            if quiet(d) or attempt == retimes:
                 dense_seen.append(d)
                 return d, p, q
             extra.setdefault("disturbed_dense_ms", []).append(round(d, 3))
@@ -692,6 +697,7 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
         raise AssertionError("unreachable")
 
     for r in range(rounds):
+        pts = [(p_dense, 1.0)] + [(x, y) for x, y, d in fitted if quiet(d)]
         clipped = "floor" if budget <= floor else None
         budget = min(max(budget, floor), p_dense)
         counts = select_widths(model, cum, budget)
@@ -713,12 +719,12 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
         pred = _interp_ratio(pts, p_sel)
         extra: dict[str, Any] = {}
         d_ms, p_ms, meas = timed(counts, r, extra)
-        point = meas  # what the next budget is fitted to
+        point, point_d = meas, d_ms  # what the next budget is fitted to
         if confirm and abs(meas / target - 1) <= tolerance:
             d2, p2, m2 = timed(counts, r, extra)
             extra.update(first_ratio=round(meas, 4), confirm_ratio=round(m2, 4))
             d_ms, p_ms, meas = 0.5 * (d_ms + d2), 0.5 * (p_ms + p2), 0.5 * (meas + m2)
-            point = m2  # the first timing was kept because it hit the target: biased towards it; the second is not
+            point, point_d = m2, d2  # the first timing was kept because it hit the target: biased towards it
         miss = abs(meas / target - 1)
         row = {"round": r, "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
                "dense_ms": round(d_ms, 3), "pruned_ms": round(p_ms, 3), "predicted_ms": round(pred * d_ms, 3),
@@ -726,14 +732,17 @@ def calibrate_selection(model: LatencyModel, cum: dict[int, np.ndarray], target:
         if clipped:
             row["clipped_to"] = clipped
         records.append(row)
-        if best is None or miss < best[0]:
-            best = (miss, counts)
-        if miss <= tolerance or (clipped == "floor" and meas > target):
+        chosen.append(counts)
+        if quiet(d_ms) and (miss <= tolerance or (clipped == "floor" and meas > target)):
             break
-        pts.append((p_sel, point))
-        budget = _next_budget(pts, target)
-    assert best is not None
-    return records, best[1]
+        fitted.append((p_sel, point, point_d))
+        budget = _next_budget([(p_dense, 1.0)] + [(x, y) for x, y, d in fitted if quiet(d)], target)
+    ok = [i for i, row in enumerate(records) if quiet(row["dense_ms"])]
+    for i, row in enumerate(records):
+        if i not in ok:
+            row["slow_spell"] = True
+    i = min(ok or range(len(records)), key=lambda i: records[i]["miss"])
+    return records, chosen[i]
 
 
 def _interp_ratio(pts: list[tuple[float, float]], x: float) -> float:
